@@ -1,0 +1,63 @@
+# Heimdall Inference — one way to run each thing. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TRAIN_STAMP := $(VENV)/.installed-train
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(TRAIN_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,train]'
+	@touch $@
+
+install: $(STAMP) ## Create .venv and install the service with the test tools
+install-train: $(TRAIN_STAMP) ## Also install the train extra (torch 2.13.0, CPU)
+
+redis: $(STAMP) ## Make sure a Redis answers at HEIMDALL_REDIS_URL (start one if not)
+	@bash deploy/ensure-redis.sh
+
+register: $(STAMP) ## Register the shipped model in the registry (idempotent)
+	$(BIN)/heimdall model register
+
+run: install redis register ## Set up and run API + worker + Flower in the foreground (Ctrl-C stops)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f deploy/Procfile -d . start
+
+test: install-train ## Install everything and run the whole test suite
+	@bash deploy/ensure-redis.sh --binary-only
+	$(BIN)/python -m pytest
+
+lint: install ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install ## Format the code with ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+train: install-train ## Re-train the shipped model from simulated scenes (~5 min on 2 cores)
+	$(BIN)/heimdall train
+
+evaluate: install ## Model vs baseline on 2000 held-out simulated scenes
+	$(BIN)/heimdall evaluate --json
+
+bench: install redis register ## Load test against a running service (see benchmarks/README.md)
+	$(BIN)/python -m benchmarks.load --url http://127.0.0.1:8000
+
+clean: ## Remove local state (var/) and caches, keep .venv
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: help install install-train redis register run test lint format train evaluate bench clean

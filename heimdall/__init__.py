@@ -1,0 +1,3 @@
+"""Heimdall: transmitter localization from WebSDR IQ recordings."""
+
+__version__ = "0.1.0"
