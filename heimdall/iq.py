@@ -1,0 +1,246 @@
+"""Decoding and validation of IQ recordings.
+
+A request carries one complex-baseband recording per station, either as JSON
+``[[I, Q], ...]`` pairs or as base64 of little-endian complex64 (interleaved
+float32 I, Q). Everything a client can get wrong is rejected here with an error
+that names the station and the problem; what passes is a
+:class:`DecodedRequest` in canonical form (stations sorted by id, complex64),
+which also defines the cache key and the compact binary form handed to workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from heimdall.errors import (
+    DuplicateStation,
+    FrequencyOutOfBand,
+    InvalidIQ,
+    InvalidRequest,
+    SampleRateMismatch,
+    TooFewStations,
+    UnknownStation,
+)
+
+MIN_SAMPLES = 512
+MAX_SAMPLES = 65_536
+_BLOB_MAGIC = b"HMDL1"
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """A validated request: recordings sorted by station id, complex64."""
+
+    recordings: tuple[tuple[str, np.ndarray], ...]
+    sample_rate_hz: float
+    frequency_mhz: float
+
+    @property
+    def stations(self) -> tuple[str, ...]:
+        """Station ids, sorted."""
+        return tuple(sid for sid, _ in self.recordings)
+
+    def as_mapping(self) -> dict[str, np.ndarray]:
+        """Station id -> complex64 samples."""
+        return dict(self.recordings)
+
+    def to_bytes(self) -> bytes:
+        """Canonical binary form: the cache key's input and the worker hand-off."""
+        header = json.dumps(
+            {
+                "sample_rate_hz": self.sample_rate_hz,
+                "frequency_mhz": self.frequency_mhz,
+                "stations": [[sid, int(x.size)] for sid, x in self.recordings],
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+        parts = [_BLOB_MAGIC, struct.pack("<I", len(header)), header]
+        parts.extend(np.ascontiguousarray(x, dtype="<c8").tobytes() for _, x in self.recordings)
+        return b"".join(parts)
+
+    def digest(self) -> str:
+        """sha256 (hex) of the canonical form."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> DecodedRequest:
+        """Inverse of :meth:`to_bytes`."""
+        if not blob.startswith(_BLOB_MAGIC):
+            raise ValueError("not a Heimdall request blob")
+        offset = len(_BLOB_MAGIC)
+        (hlen,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        header = json.loads(blob[offset : offset + hlen])
+        offset += hlen
+        recordings = []
+        for sid, n in header["stations"]:
+            x = np.frombuffer(blob, dtype="<c8", count=n, offset=offset).astype(np.complex64)
+            offset += 8 * n
+            recordings.append((sid, x))
+        return cls(tuple(recordings), header["sample_rate_hz"], header["frequency_mhz"])
+
+
+def decode_iq(value: Any, station: str, field: str = "iq") -> np.ndarray:
+    """Decode one station's recording (pairs or base64 complex64) to complex64.
+
+    Raises :class:`InvalidIQ` naming the station for malformed data, a length
+    outside [512, 65 536] samples, or non-finite samples.
+    """
+    if isinstance(value, str):
+        x = _decode_base64(value, station, field)
+    elif isinstance(value, list):
+        x = _decode_pairs(value, station, field)
+    else:
+        raise InvalidIQ(
+            f"station {station!r}: iq must be a list of [I, Q] pairs or a base64 string "
+            f"of little-endian complex64, got {type(value).__name__}",
+            field=field,
+        )
+    if x.size < MIN_SAMPLES:
+        raise InvalidIQ(
+            f"station {station!r}: recording too short: {x.size} samples, "
+            f"at least {MIN_SAMPLES} needed",
+            field=field,
+        )
+    if x.size > MAX_SAMPLES:
+        raise InvalidIQ(
+            f"station {station!r}: recording too long: {x.size} samples, "
+            f"at most {MAX_SAMPLES} accepted",
+            field=field,
+        )
+    if not np.all(np.isfinite(x.view(np.float32))):
+        raise InvalidIQ(f"station {station!r}: recording contains NaN or Inf", field=field)
+    return x
+
+
+def _decode_base64(text: str, station: str, field: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidIQ(
+            f"station {station!r}: iq is not valid base64 ({exc})", field=field
+        ) from exc
+    if len(raw) % 8:
+        raise InvalidIQ(
+            f"station {station!r}: base64 iq decodes to {len(raw)} bytes, not a multiple of 8 "
+            "(one complex64 sample is 8 bytes: float32 I, float32 Q, little-endian)",
+            field=field,
+        )
+    return np.frombuffer(raw, dtype="<c8").astype(np.complex64)
+
+
+def _decode_pairs(pairs: list[Any], station: str, field: str) -> np.ndarray:
+    if pairs and not all(
+        isinstance(p, list)
+        and len(p) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+        for p in pairs
+    ):
+        bad = next(
+            i
+            for i, p in enumerate(pairs)
+            if not (
+                isinstance(p, list)
+                and len(p) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+            )
+        )
+        raise InvalidIQ(
+            f"station {station!r}: iq[{bad}] is not an [I, Q] pair of two numbers",
+            field=f"{field}[{bad}]",
+        )
+    arr = np.array(pairs, dtype=np.float64).reshape(-1, 2)
+    if not np.all(np.isfinite(arr)):
+        raise InvalidIQ(f"station {station!r}: recording contains NaN or Inf", field=field)
+    return (arr[:, 0] + 1j * arr[:, 1]).astype(np.complex64)
+
+
+def _number(payload: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    value = payload.get(key, default)
+    if value is None:
+        raise InvalidRequest(f"'{key}' is required", field=key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"'{key}' must be a finite number", field=key)
+    return float(value)
+
+
+def decode_request(
+    payload: Any,
+    *,
+    stations: Sequence[str],
+    sample_rate_hz: float,
+    band_mhz: tuple[float, float],
+    min_stations: int,
+) -> DecodedRequest:
+    """Validate a predict request body and decode its recordings.
+
+    ``stations`` are the ids the model knows, ``sample_rate_hz`` the model's
+    sample rate, ``band_mhz`` the carrier range it was trained for.
+    """
+    if not isinstance(payload, Mapping):
+        raise InvalidRequest("request body must be a JSON object")
+    receivers = payload.get("receivers")
+    if not isinstance(receivers, list):
+        raise InvalidRequest(
+            "'receivers' must be a list of {station, iq} objects", field="receivers"
+        )
+
+    rate = _number(payload, "sample_rate_hz")
+    if rate != sample_rate_hz:
+        raise SampleRateMismatch(
+            f"sample_rate_hz is {rate:g} but the model expects {sample_rate_hz:g} Hz; "
+            "resample the recordings",
+            field="sample_rate_hz",
+        )
+    low, high = band_mhz
+    freq = _number(payload, "frequency_mhz", (low + high) / 2)
+    if not low <= freq <= high:
+        raise FrequencyOutOfBand(
+            f"frequency_mhz {freq:g} is outside the model's band {low:g}-{high:g} MHz",
+            field="frequency_mhz",
+        )
+
+    known = set(stations)
+    decoded: dict[str, np.ndarray] = {}
+    for i, item in enumerate(receivers):
+        where = f"receivers[{i}]"
+        if not isinstance(item, Mapping) or "station" not in item or "iq" not in item:
+            raise InvalidRequest(f"{where} must be an object with 'station' and 'iq'", field=where)
+        sid = item["station"]
+        if not isinstance(sid, str):
+            raise InvalidRequest(f"{where}.station must be a string", field=f"{where}.station")
+        if sid not in known:
+            raise UnknownStation(
+                f"station {sid!r} is not in the model's network (known: {', '.join(stations)})",
+                field=f"{where}.station",
+                station=sid,
+            )
+        if sid in decoded:
+            raise DuplicateStation(
+                f"station {sid!r} appears more than once", field=f"{where}.station", station=sid
+            )
+        decoded[sid] = decode_iq(item["iq"], sid, field=f"{where}.iq")
+
+    if len(decoded) < min_stations:
+        raise TooFewStations(
+            f"{len(decoded)} station(s) given, at least {min_stations} needed to localize",
+            field="receivers",
+        )
+    recordings = tuple(sorted(decoded.items()))
+    return DecodedRequest(recordings, rate, freq)
+
+
+def encode_base64(x: np.ndarray) -> str:
+    """base64 of little-endian complex64: the compact request encoding."""
+    return base64.b64encode(np.ascontiguousarray(x, dtype="<c8").tobytes()).decode("ascii")
