@@ -1,0 +1,220 @@
+"""The MLflow model registry: register the localizer, resolve ``name@alias``.
+
+The embedded default is a sqlite registry with a local artifact folder under
+``var/``; any ``MLFLOW_TRACKING_URI`` works instead. Versions are chosen by
+alias (``champion``, ``challenger``), never by the deprecated stages.
+A resolved model is downloaded once per version into ``var/models/`` and its
+card is checked against the ONNX file before anything serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from heimdall.config import Settings
+from heimdall.errors import ModelCardInvalid, ModelUnavailable
+from heimdall.modelcard import CARD_FILENAME, MODEL_FILENAME, ModelCard, ModelIdentity
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "heimdall-localizer"
+SHA_TAG = "onnx_sha256"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A registered model version available on local disk."""
+
+    identity: ModelIdentity
+    onnx_path: Path
+    card: ModelCard
+
+
+def shipped_model_dir() -> Path:
+    """Folder of the trained model shipped in the package (model.onnx + card)."""
+    return Path(str(resources.files("heimdall").joinpath("models/heimdall-localizer")))
+
+
+def _client(settings: Settings) -> Any:
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(client: Any, settings: Settings) -> str:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = None
+    if not settings.mlflow_tracking_uri:
+        settings.artifact_root.mkdir(parents=True, exist_ok=True)
+        location = settings.artifact_root.as_uri()
+    return str(client.create_experiment(EXPERIMENT, artifact_location=location))
+
+
+def register_model(
+    settings: Settings,
+    model_dir: Path | None = None,
+    *,
+    alias: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> tuple[ModelIdentity, bool]:
+    """Log and register the model in ``model_dir``; point ``alias`` at it.
+
+    Registering the same ONNX file twice reuses its version (matched by the
+    file's sha256), so the call is idempotent. Returns the identity and
+    whether a new version was created.
+    """
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow.exceptions import MlflowException
+
+    model_dir = model_dir or shipped_model_dir()
+    alias = alias or settings.model_alias
+    card = ModelCard.load(model_dir / CARD_FILENAME)
+    onnx_path = model_dir / MODEL_FILENAME
+    card.check_model(onnx_path)
+    client = _client(settings)
+    name = settings.model_name
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        versions = []
+    for mv in versions:
+        if mv.tags.get(SHA_TAG) == card.onnx_sha256:
+            client.set_registered_model_alias(name, alias, mv.version)
+            log.info(
+                "model %s version %s already registered; alias %s set", name, mv.version, alias
+            )
+            return ModelIdentity(name, str(mv.version), alias), False
+
+    accuracy = card.accuracy
+    metrics = {
+        "accuracy_meters": accuracy.get("median_error_m"),
+        "p90_error_m": accuracy.get("p90_error_m"),
+        "mean_error_m": accuracy.get("mean_error_m"),
+        "coverage_68": accuracy.get("coverage_68"),
+        "coverage_95": accuracy.get("coverage_95"),
+        "baseline_median_error_m": accuracy.get("baseline_median_error_m"),
+        "training_samples": card.training.get("scenes"),
+    }
+    run_params = {
+        "stations": ",".join(card.slots),
+        "sample_rate_hz": card.features.sample_rate_hz,
+        "n_fft": card.features.n_fft,
+        "hop": card.features.hop,
+        "n_mels": card.features.n_mels,
+        "normalization_mean_db": card.normalization_mean_db,
+        "normalization_std_db": card.normalization_std_db,
+        "onnx_sha256": card.onnx_sha256,
+        **{f"train_{k}": v for k, v in card.training.items() if not isinstance(v, dict)},
+        **(params or {}),
+    }
+    experiment_id = _experiment_id(client, settings)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{card.onnx_sha256[:8]}"):
+        mlflow.log_params({k: str(v)[:500] for k, v in run_params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        mlflow.log_dict(card.to_dict(), CARD_FILENAME)
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name="model",
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,
+            extra_files=[str(model_dir / CARD_FILENAME)],
+            registered_model_name=name,
+            metadata={"onnx_sha256": card.onnx_sha256},
+        )
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(name, version, SHA_TAG, card.onnx_sha256)
+    client.set_registered_model_alias(name, alias, version)
+    log.info("registered %s version %s with alias %s", name, version, alias)
+    return ModelIdentity(name, version, alias), True
+
+
+def resolve_version(settings: Settings, alias: str | None = None) -> ModelIdentity:
+    """``name@alias`` -> the version it points at (ModelUnavailable when none)."""
+    from mlflow.exceptions import MlflowException
+
+    alias = alias or settings.model_alias
+    client = _client(settings)
+    try:
+        mv = client.get_model_version_by_alias(settings.model_name, alias)
+    except MlflowException as exc:
+        raise ModelUnavailable(
+            f"no version of {settings.model_name!r} has alias {alias!r} in the registry "
+            f"at {settings.tracking_uri} (run `heimdall model register`)"
+        ) from exc
+    return ModelIdentity(settings.model_name, str(mv.version), alias)
+
+
+def resolve(settings: Settings, alias: str | None = None) -> ResolvedModel:
+    """Resolve ``name@alias``, download that version once, and check its card."""
+    identity = resolve_version(settings, alias)
+    target = settings.var_dir.resolve() / "models" / identity.name / identity.version
+    if not (target / MODEL_FILENAME).is_file():
+        _download(settings, identity, target)
+    card = ModelCard.load(target / CARD_FILENAME)
+    card.check_model(target / MODEL_FILENAME)
+    return ResolvedModel(identity, target / MODEL_FILENAME, card)
+
+
+def _download(settings: Settings, identity: ModelIdentity, target: Path) -> None:
+    import mlflow.artifacts
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{identity.version}-", dir=target.parent))
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{identity.name}/{identity.version}",
+            dst_path=str(staging),
+            tracking_uri=settings.tracking_uri,
+        )
+        card = staging / "extra_files" / CARD_FILENAME
+        if not card.is_file():
+            raise ModelCardInvalid(
+                f"{identity.name} version {identity.version} has no {CARD_FILENAME}; "
+                "it was not registered by `heimdall model register`"
+            )
+        shutil.move(str(card), staging / CARD_FILENAME)
+        if not (staging / MODEL_FILENAME).is_file():
+            raise ModelCardInvalid(f"{identity.name} version {identity.version} has no ONNX file")
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process downloaded the same version first; theirs is as good.
+            if not (target / MODEL_FILENAME).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def model_summary(resolved: ResolvedModel) -> dict[str, Any]:
+    """A short JSON-able description of a resolved model (for logs and the CLI)."""
+    return {
+        **resolved.identity.to_dict(),
+        "path": str(resolved.onnx_path),
+        "stations": list(resolved.card.slots),
+        "sample_rate_hz": resolved.card.features.sample_rate_hz,
+        "accuracy": resolved.card.accuracy,
+    }
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON for log lines."""
+    return json.dumps(obj, sort_keys=True, default=str)

@@ -1,0 +1,85 @@
+"""Registry round trip against a real sqlite MLflow store."""
+
+import json
+import shutil
+
+import pytest
+
+from heimdall.config import Settings
+from heimdall.errors import ModelCardInvalid, ModelUnavailable
+from heimdall.modelcard import sha256_file
+from heimdall.registry import register_model, resolve, resolve_version, shipped_model_dir
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Settings(var_dir=tmp_path / "var", mlflow_tracking_uri=None)
+
+
+def test_register_then_resolve_yields_the_shipped_model(settings):
+    identity, created = register_model(settings)
+    assert created and identity.alias == "champion"
+    resolved = resolve(settings)
+    assert resolved.identity.version == identity.version
+    assert sha256_file(resolved.onnx_path) == sha256_file(shipped_model_dir() / "model.onnx")
+    assert resolved.card.slots == resolve(settings).card.slots
+    assert str(settings.var_dir.resolve()) in str(resolved.onnx_path)
+
+
+def test_registering_twice_is_harmless(settings):
+    first, _ = register_model(settings)
+    again, created = register_model(settings)
+    assert not created and again.version == first.version
+
+
+def test_aliases_choose_the_version(settings, tmp_path):
+    register_model(settings)
+    other = tmp_path / "other"
+    shutil.copytree(shipped_model_dir(), other)
+    # A different ONNX file (metadata changed) is a new version.
+    import onnx
+
+    model = onnx.load(str(other / "model.onnx"))
+    model.doc_string = "challenger"
+    onnx.save(model, str(other / "model.onnx"))
+    card = json.loads((other / "model_card.json").read_text())
+    card["onnx_sha256"] = sha256_file(other / "model.onnx")
+    (other / "model_card.json").write_text(json.dumps(card))
+    challenger, created = register_model(settings, other, alias="challenger")
+    assert created
+    assert resolve_version(settings, "challenger").version == challenger.version
+    assert resolve_version(settings, "champion").version != challenger.version
+    assert resolve(settings, "challenger").card.onnx_sha256 == card["onnx_sha256"]
+
+
+def test_unknown_alias_is_model_unavailable(settings):
+    register_model(settings)
+    with pytest.raises(ModelUnavailable, match="no-such-alias"):
+        resolve(settings, "no-such-alias")
+
+
+def test_a_model_without_a_card_is_refused(settings, tmp_path):
+    """A version logged by hand (no model card) must never be served."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow import MlflowClient
+
+    register_model(settings)
+    experiment = MlflowClient().create_experiment(
+        "manual", artifact_location=(tmp_path / "manual").as_uri()
+    )
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(shipped_model_dir() / "model.onnx")),
+            name="model",
+            registered_model_name=settings.model_name,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,
+        )
+    MlflowClient().set_registered_model_alias(
+        settings.model_name, "cardless", info.registered_model_version
+    )
+    with pytest.raises(ModelCardInvalid, match=r"model_card\.json"):
+        resolve(settings, "cardless")
