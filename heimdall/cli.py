@@ -1,0 +1,257 @@
+"""The ``heimdall`` command: train, evaluate, simulate requests, manage the registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from heimdall.config import get_settings
+from heimdall.errors import HeimdallError
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Simulate scenes, train, export ONNX + card, evaluate and record the accuracy."""
+    try:
+        from heimdall.training.train import TrainParams, train
+    except ImportError as exc:  # torch is in the optional "train" extra
+        print(
+            f"heimdall train needs the train extra (pip install '.[train]'): {exc}", file=sys.stderr
+        )
+        return 2
+    from heimdall.registry import shipped_model_dir
+    from heimdall.stations import load_network
+
+    network = load_network(get_settings().stations_file)
+    out = Path(args.out) if args.out else shipped_model_dir()
+    params = TrainParams(
+        train_scenes=args.scenes, val_scenes=args.val_scenes, epochs=args.epochs, seed=args.seed
+    )
+    started = time.perf_counter()
+    summary = train(network, out, params)
+    accuracy = _evaluate_dir(out, args.eval_scenes)
+    _record_accuracy(out, accuracy)
+    print(f"evaluation: {json.dumps(accuracy)}")
+    print(f"done in {time.perf_counter() - started:.0f} s (training {summary['training_s']} s)")
+    return 0
+
+
+def _evaluate_dir(model_dir: Path, n_scenes: int, seed: int | None = None) -> dict[str, Any]:
+    from heimdall.evaluation import EVAL_SEED, evaluate
+    from heimdall.modelcard import ModelCard
+    from heimdall.stations import load_network
+
+    card = ModelCard.load(model_dir / "model_card.json")
+    network = load_network(get_settings().stations_file)
+    return evaluate(
+        model_dir / "model.onnx", card, network, n_scenes=n_scenes, seed=seed or EVAL_SEED
+    )
+
+
+def _record_accuracy(model_dir: Path, report: dict[str, Any]) -> None:
+    """Store evaluation figures in the card (the ONNX file and its sha are untouched)."""
+    path = model_dir / "model_card.json"
+    data = json.loads(path.read_text())
+    data["accuracy"] = {
+        "evaluation_scenes": report["n_scenes"],
+        "evaluation_seed": report["seed"],
+        **report["model"],
+        "baseline_median_error_m": report["baseline"]["median_error_m"],
+        "baseline_p90_error_m": report["baseline"]["p90_error_m"],
+    }
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model (the shipped one by default) and the baseline on held-out scenes."""
+    from heimdall.registry import resolve, shipped_model_dir
+
+    if args.registry:
+        resolved = resolve(get_settings(), args.alias)
+        model_dir = resolved.onnx_path.parent
+    else:
+        model_dir = Path(args.model_dir) if args.model_dir else shipped_model_dir()
+    report = _evaluate_dir(model_dir, args.scenes, args.seed)
+    report["model_dir"] = str(model_dir)
+    if args.json:
+        _print_json(report)
+    else:
+        m, b = report["model"], report["baseline"]
+        print(f"{report['n_scenes']} held-out scenes (seed {report['seed']})")
+        print(f"{'':10s} {'median m':>10s} {'mean m':>10s} {'P90 m':>10s}")
+        for label, s in (("model", m), ("baseline", b)):
+            print(
+                f"{label:10s} {s['median_error_m']:10.0f} {s['mean_error_m']:10.0f} "
+                f"{s['p90_error_m']:10.0f}"
+            )
+        print(f"coverage: 68 % ellipse {m['coverage_68']:.3f}, 95 % ellipse {m['coverage_95']:.3f}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Write a /predict request built from one simulated scene, with its truth alongside."""
+    from heimdall.features import FeatureParams
+    from heimdall.iq import encode_base64
+    from heimdall.simulate import SimulationParams, sample_scenes, synthesize_iq
+    from heimdall.stations import load_network
+
+    network = load_network(get_settings().stations_file)
+    sim = SimulationParams(station_presence=1.0 if args.all_stations else 0.9)
+    rate = FeatureParams().sample_rate_hz
+    rng = np.random.default_rng(args.seed)
+    scenes = sample_scenes(rng, 1, network, sim, rate)
+    iq = synthesize_iq(rng, scenes, network, sim, rate, args.samples)[0]
+    receivers = []
+    for j, sid in enumerate(network.ids):
+        if not scenes.present[0, j]:
+            continue
+        x = iq[j]
+        value: Any = (
+            encode_base64(x)
+            if args.encoding == "base64"
+            else [[float(v.real), float(v.imag)] for v in x]
+        )
+        receivers.append({"station": sid, "iq": value})
+    body = {
+        "receivers": receivers,
+        "sample_rate_hz": rate,
+        "frequency_mhz": sim.carrier_mhz,
+        "truth": {
+            "latitude": round(float(scenes.tx_latitude[0]), 6),
+            "longitude": round(float(scenes.tx_longitude[0]), 6),
+            "tx_power_dbm": round(float(scenes.tx_power_dbm[0]), 2),
+            "seed": args.seed,
+        },
+    }
+    text = json.dumps(body)
+    if args.out == "-":
+        print(text)
+    else:
+        Path(args.out).write_text(text)
+        print(
+            f"wrote {args.out}: {len(receivers)} stations x {args.samples} samples "
+            f"({args.encoding}); truth {body['truth']}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a model directory (the shipped model by default) and set an alias."""
+    from heimdall.registry import register_model
+
+    settings = get_settings()
+    identity, created = register_model(
+        settings, Path(args.model_dir) if args.model_dir else None, alias=args.alias
+    )
+    _print_json({**identity.to_dict(), "created": created, "tracking_uri": settings.tracking_uri})
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """Resolve name@alias, download it and check its card."""
+    from heimdall.registry import model_summary, resolve
+
+    _print_json(model_summary(resolve(get_settings(), args.alias)))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask every worker to re-resolve the alias and reload its model."""
+    from celery import Celery
+
+    app = Celery("heimdall-cli")
+    app.config_from_object("celeryconfig")
+    arguments = {"alias": args.alias} if args.alias else {}
+    replies = app.control.broadcast(
+        "heimdall_reload_model", arguments=arguments, reply=True, timeout=args.timeout
+    )
+    _print_json(replies)
+    return 0 if replies else 1
+
+
+def cmd_stations(args: argparse.Namespace) -> int:
+    """Print the receiver network in force."""
+    from heimdall.stations import load_network
+
+    _print_json(load_network(get_settings().stations_file).to_dict())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line grammar."""
+    parser = argparse.ArgumentParser(prog="heimdall", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="simulate, train, export ONNX + card (needs the train extra)")
+    p.add_argument("--out", help="output folder (default: the packaged model folder)")
+    p.add_argument("--scenes", type=int, default=80_000, help="training scenes")
+    p.add_argument("--val-scenes", type=int, default=4_000, help="validation scenes")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--eval-scenes", type=int, default=2_000, help="held-out evaluation scenes")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="model vs baseline on held-out simulated scenes")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--scenes", type=int, default=2_000)
+    p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: fixed)")
+    p.add_argument("--model-dir", help="folder with model.onnx + model_card.json")
+    p.add_argument("--registry", action="store_true", help="evaluate name@alias from the registry")
+    p.add_argument("--alias", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("simulate", help="write a /predict request from a simulated scene")
+    p.add_argument("--out", default="req.json", help="output file, - for stdout")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=4096, help="IQ samples per station")
+    p.add_argument("--encoding", choices=["base64", "pairs"], default="base64")
+    p.add_argument("--all-stations", action="store_true", help="every station sends a recording")
+    p.set_defaults(func=cmd_simulate)
+
+    model = sub.add_parser("model", help="the MLflow model registry").add_subparsers(
+        dest="model_command", required=True
+    )
+    p = model.add_parser("register", help="register the shipped (or a given) model")
+    p.add_argument("--alias", default=None, help="alias to set (default: champion)")
+    p.add_argument("--model-dir", help="folder with model.onnx + model_card.json")
+    p.set_defaults(func=cmd_register)
+    p = model.add_parser("resolve", help="resolve name@alias and check its card")
+    p.add_argument("--alias", default=None)
+    p.set_defaults(func=cmd_resolve)
+    p = model.add_parser("reload", help="make running workers reload name@alias")
+    p.add_argument("--alias", default=None)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("stations", help="print the receiver network")
+    p.set_defaults(func=cmd_stations)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``heimdall`` command."""
+    logging.basicConfig(
+        level=get_settings().log_level, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except HeimdallError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

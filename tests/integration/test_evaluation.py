@@ -1,0 +1,31 @@
+"""Evaluation smoke test: the shipped model on a small held-out set, through the CLI."""
+
+import json
+
+from heimdall.cli import main
+
+
+def test_evaluate_json_reports_model_baseline_and_coverage(capsys):
+    assert main(["evaluate", "--json", "--scenes", "120", "--seed", "77"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_scenes"] == 120
+    for key in ("median_error_m", "mean_error_m", "p90_error_m"):
+        assert report["model"][key] > 0 and report["baseline"][key] > 0
+    assert 0.0 <= report["model"]["coverage_68"] <= report["model"]["coverage_95"] <= 1.0
+    # A sanity bound, not a target: the trained model is far better than guessing the centre.
+    assert report["model"]["median_error_m"] < 60_000
+
+
+def test_simulate_writes_a_valid_request(tmp_path):
+    from heimdall.iq import decode_request
+    from heimdall.stations import load_network
+
+    out = tmp_path / "req.json"
+    assert main(["simulate", "--out", str(out), "--seed", "3", "--samples", "1024"]) == 0
+    body = json.loads(out.read_text())
+    net = load_network()
+    req = decode_request(
+        body, stations=net.ids, sample_rate_hz=48_000.0, band_mhz=(144.0, 146.0), min_stations=3
+    )
+    assert len(req.stations) >= 3
+    assert {"latitude", "longitude"} <= set(body["truth"])
