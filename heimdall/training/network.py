@@ -25,6 +25,9 @@ class Localizer(nn.Module):
     Outputs, in network units: mean (B, 2) east/north, and (B, 3) sigma_e, sigma_n, rho.
     """
 
+    mean_db: torch.Tensor
+    std_db: torch.Tensor
+
     def __init__(
         self,
         n_slots: int,
