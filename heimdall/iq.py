@@ -160,9 +160,18 @@ def _decode_pairs(pairs: list[Any], station: str, field: str) -> np.ndarray:
             f"station {station!r}: iq[{bad}] is not an [I, Q] pair of two numbers",
             field=f"{field}[{bad}]",
         )
-    arr = np.array(pairs, dtype=np.float64).reshape(-1, 2)
+    try:
+        arr = np.array(pairs, dtype=np.float64).reshape(-1, 2)
+    except OverflowError as exc:  # an integer beyond float range, e.g. 10**400
+        raise InvalidIQ(
+            f"station {station!r}: a sample is too large to be a number ({exc})", field=field
+        ) from exc
     if not np.all(np.isfinite(arr)):
         raise InvalidIQ(f"station {station!r}: recording contains NaN or Inf", field=field)
+    if np.abs(arr).max(initial=0.0) > np.finfo(np.float32).max:
+        raise InvalidIQ(
+            f"station {station!r}: a sample exceeds the float32 range of complex64", field=field
+        )
     return (arr[:, 0] + 1j * arr[:, 1]).astype(np.complex64)
 
 

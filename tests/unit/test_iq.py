@@ -97,6 +97,16 @@ def test_bad_recordings_are_rejected_naming_the_station(iq, message):
     assert info.value.status == 422
 
 
+def test_pairs_beyond_float_range_are_rejected():
+    pairs = [[0.1, 0.2]] * 1024
+    pairs[3] = [10**400, 0]
+    with pytest.raises(errors.InvalidIQ, match="too large"):
+        decode_iq(pairs, "genova")
+    pairs[3] = [1e300, 0.0]  # finite as float64, infinite as complex64
+    with pytest.raises(errors.InvalidIQ, match="float32 range"):
+        decode_iq(pairs, "genova")
+
+
 def test_pairs_with_nan_are_rejected():
     pairs = [[0.1, 0.2]] * 1024
     pairs[5] = [float("nan"), 0.0]
