@@ -30,7 +30,7 @@ redis: $(STAMP) ## Make sure a Redis answers at HEIMDALL_REDIS_URL (start one if
 	@bash deploy/ensure-redis.sh
 
 register: $(STAMP) ## Register the shipped model in the registry (idempotent)
-	$(BIN)/heimdall model register
+	$(BIN)/heimdall model register --if-missing
 
 run: install redis register ## Set up and run API + worker + Flower in the foreground (Ctrl-C stops)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f deploy/Procfile -d . start

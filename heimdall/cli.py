@@ -151,6 +151,18 @@ def cmd_register(args: argparse.Namespace) -> int:
     from heimdall.registry import register_model
 
     settings = get_settings()
+    if args.if_missing:
+        from heimdall.errors import ModelUnavailable
+        from heimdall.registry import resolve_version
+
+        try:
+            current = resolve_version(settings, args.alias)
+        except ModelUnavailable:
+            pass
+        else:
+            # An operator may have pointed the alias elsewhere: start-up must not undo that.
+            _print_json({**current.to_dict(), "created": False, "unchanged": True})
+            return 0
     identity, created = register_model(
         settings, Path(args.model_dir) if args.model_dir else None, alias=args.alias
     )
@@ -225,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("register", help="register the shipped (or a given) model")
     p.add_argument("--alias", default=None, help="alias to set (default: champion)")
     p.add_argument("--model-dir", help="folder with model.onnx + model_card.json")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when the alias already points at a version (for start-up scripts)",
+    )
     p.set_defaults(func=cmd_register)
     p = model.add_parser("resolve", help="resolve name@alias and check its card")
     p.add_argument("--alias", default=None)

@@ -83,3 +83,33 @@ def test_a_model_without_a_card_is_refused(settings, tmp_path):
     )
     with pytest.raises(ModelCardInvalid, match=r"model_card\.json"):
         resolve(settings, "cardless")
+
+
+def test_register_if_missing_never_moves_an_existing_alias(settings, tmp_path, monkeypatch, capsys):
+    """Start-up registration must not undo an operator's promotion."""
+    from heimdall import config
+    from heimdall.cli import main
+
+    monkeypatch.setenv("HEIMDALL_VAR_DIR", str(settings.var_dir))
+    config.get_settings.cache_clear()
+    try:
+        assert main(["model", "register", "--if-missing"]) == 0
+        first = json.loads(capsys.readouterr().out)
+        assert first["created"] is True
+        # An operator points champion at another version.
+        other = tmp_path / "other"
+        shutil.copytree(shipped_model_dir(), other)
+        import onnx
+
+        model = onnx.load(str(other / "model.onnx"))
+        model.doc_string = "promoted"
+        onnx.save(model, str(other / "model.onnx"))
+        card = json.loads((other / "model_card.json").read_text())
+        card["onnx_sha256"] = sha256_file(other / "model.onnx")
+        (other / "model_card.json").write_text(json.dumps(card))
+        promoted, _ = register_model(settings, other, alias="champion")
+        assert main(["model", "register", "--if-missing"]) == 0
+        capsys.readouterr()
+        assert resolve_version(settings, "champion").version == promoted.version
+    finally:
+        config.get_settings.cache_clear()
