@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("torch", reason="torch is in the optional 'train' extra; not installed")
 
-from heimdall.cli import main  # noqa: E402
-from heimdall.modelcard import ModelCard  # noqa: E402
+from heimdall.cli import main
+from heimdall.modelcard import ModelCard
 
 pytestmark = pytest.mark.train
 
