@@ -1,0 +1,237 @@
+"""Job messages -> decoded requests -> per-item answers, and batch assembly.
+
+This is the worker's side of the message contract (docs: serving contract):
+a job is ``{"payload_key": str|None, "payload_b64": str|None, "request_id": str}``;
+its payload is the canonical :class:`~heimdall.iq.DecodedRequest` blob, either
+claim-checked in Redis under ``heimdall:payload:{sha256}`` or inline as base64.
+An item answer is ``{"status": "ok", "result": {...}}`` or
+``{"status": "error", "problem": {...}}``. Nothing here knows Celery, so the
+functions are plain to test; the tasks in :mod:`tasks.predict` are wrappers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from itertools import zip_longest
+from typing import TYPE_CHECKING, Any
+
+from heimdall.errors import (
+    FrequencyOutOfBand,
+    HeimdallError,
+    InvalidInput,
+    InvalidRequest,
+    SampleRateMismatch,
+    ServiceUnavailable,
+    TooFewStations,
+    UnknownStation,
+)
+from heimdall.iq import DecodedRequest
+from heimdall.modelcard import ModelCard
+
+if TYPE_CHECKING:  # onnxruntime is imported only where a session is built
+    from heimdall.runtime import Localizer
+
+PAYLOAD_KEY_PREFIX = "heimdall:payload:"
+
+Item = dict[str, Any]
+PayloadFetcher = Callable[[str], bytes | None]
+"""Returns the blob stored under a Redis key, None when the key is absent."""
+
+
+class PayloadExpired(HeimdallError):
+    """The claim-checked payload is no longer in Redis (TTL passed, or evicted)."""
+
+    status = 410
+    type = "payload-expired"
+    title = "Payload expired"
+
+
+def ok_item(result: dict[str, Any]) -> Item:
+    """Answer of an item that was localized."""
+    return {"status": "ok", "result": result}
+
+
+def error_item(exc: HeimdallError) -> Item:
+    """Answer of an item that failed with a domain error."""
+    return {"status": "error", "problem": exc.to_problem()}
+
+
+def load_request(job: Any, fetch: PayloadFetcher) -> DecodedRequest:
+    """Decode the request a job carries (claim-check key first, inline base64 second).
+
+    Raises :class:`InvalidRequest` for a malformed job, :class:`PayloadExpired`
+    when the key is gone, :class:`InvalidInput` when the blob is not a request.
+    """
+    if not isinstance(job, Mapping):
+        raise InvalidRequest(f"a job must be an object, got {type(job).__name__}")
+    key, inline = job.get("payload_key"), job.get("payload_b64")
+    if key is not None:
+        if not isinstance(key, str) or not key.startswith(PAYLOAD_KEY_PREFIX):
+            # Never read arbitrary Redis keys on a message's say-so.
+            raise InvalidRequest(
+                f"payload_key must start with {PAYLOAD_KEY_PREFIX!r}", field="payload_key"
+            )
+        blob = fetch(key)
+        if blob is None:
+            if not isinstance(inline, str):
+                raise PayloadExpired(
+                    f"the request payload {key} is no longer stored; send the request again",
+                    field="payload_key",
+                )
+        else:
+            return _from_blob(blob)
+    if not isinstance(inline, str):
+        raise InvalidRequest("a job needs payload_key or payload_b64", field="payload_b64")
+    try:
+        blob = base64.b64decode(inline, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest("payload_b64 is not valid base64", field="payload_b64") from exc
+    return _from_blob(blob)
+
+
+def _from_blob(blob: bytes) -> DecodedRequest:
+    try:
+        return DecodedRequest.from_bytes(blob)
+    except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        raise InvalidInput(f"the job payload is not a Heimdall request blob ({exc})") from exc
+
+
+def check_compatible(request: DecodedRequest, card: ModelCard, min_stations: int) -> None:
+    """Refuse a request the served model cannot answer.
+
+    The API validated the request against the model *it* resolved; the worker
+    may serve another version (a reload in between), so it checks again.
+    """
+    unknown = [sid for sid in request.stations if sid not in card.slots]
+    if unknown:
+        raise UnknownStation(
+            f"station {unknown[0]!r} is not in the served model's network "
+            f"(known: {', '.join(card.slots)})",
+            station=unknown[0],
+        )
+    if request.sample_rate_hz != card.features.sample_rate_hz:
+        raise SampleRateMismatch(
+            f"sample_rate_hz is {request.sample_rate_hz:g} but the model expects "
+            f"{card.features.sample_rate_hz:g} Hz"
+        )
+    low, high = card.band_mhz
+    if not low <= request.frequency_mhz <= high:
+        raise FrequencyOutOfBand(
+            f"frequency_mhz {request.frequency_mhz:g} is outside the model's band "
+            f"{low:g}-{high:g} MHz"
+        )
+    if len(request.stations) < min_stations:
+        raise TooFewStations(
+            f"{len(request.stations)} station(s) given, at least {min_stations} needed"
+        )
+
+
+def predict_jobs(
+    jobs: Sequence[Any],
+    localizer: Localizer | HeimdallError,
+    fetch: PayloadFetcher,
+    *,
+    min_stations: int,
+) -> list[Item]:
+    """One answer per job, in order; all decodable jobs share one ONNX run.
+
+    ``localizer`` is the error to answer with when this process has no model.
+    Unexpected faults of the model run propagate (the task fails loudly).
+    """
+    answers: list[Item | None] = [None] * len(jobs)
+    requests: list[DecodedRequest] = []
+    positions: list[int] = []
+    for i, job in enumerate(jobs):
+        try:
+            request = load_request(job, fetch)
+            if isinstance(localizer, HeimdallError):
+                raise localizer
+            check_compatible(request, localizer.card, min_stations)
+        except HeimdallError as exc:
+            answers[i] = error_item(exc)
+            continue
+        requests.append(request)
+        positions.append(i)
+    if requests and not isinstance(localizer, HeimdallError):
+        results = localizer.predict_results(requests)
+        for i, result in zip(positions, results, strict=True):
+            answers[i] = ok_item(result)
+    return [a if a is not None else error_item(_lost()) for a in answers]
+
+
+def _lost() -> HeimdallError:
+    return ServiceUnavailable("the worker produced no answer for this item")
+
+
+def memo_fetcher(fetch: PayloadFetcher) -> PayloadFetcher:
+    """``fetch`` that reads each key once (a batch may repeat the same payload)."""
+    seen: dict[str, bytes | None] = {}
+
+    def cached(key: str) -> bytes | None:
+        if key not in seen:
+            seen[key] = fetch(key)
+        return seen[key]
+
+    return cached
+
+
+BATCH_META_KEYS = ("total", "chunks", "answered")
+
+
+def assemble_batch(chunk_results: Sequence[Sequence[Item]], meta: Mapping[str, Any]) -> dict:
+    """Put every item of a batch back in request order and count the outcomes.
+
+    ``meta`` (built by the API at dispatch):
+
+    * ``total``: number of items in the request;
+    * ``chunks``: for each dispatched chunk, in chord header order, the request
+      index of each of its items;
+    * ``answered``: items answered before dispatch (cache hits with
+      ``"cached": true``, invalid items), as ``{"<index>": item}``;
+    * any other key (``request_id``, ...) is copied into the document.
+
+    Returns ``{"total", "succeeded", "failed", "cached", "items": [{"index", ...item}],
+    ...other meta}``; ``succeeded`` includes the cached items.
+    """
+    chunks: Sequence[Sequence[int]] = meta.get("chunks") or []
+    answered: Mapping[str, Item] = meta.get("answered") or {}
+    total = int(meta.get("total", len(answered) + sum(len(c) for c in chunks)))
+    items: list[Item | None] = [None] * total
+    for index, item in answered.items():
+        items[int(index)] = dict(item)
+    for indices, results in zip_longest(chunks, chunk_results):
+        results = results or []
+        for j, index in enumerate(indices or []):
+            items[index] = dict(results[j]) if j < len(results) else error_item(_lost())
+    ordered = [
+        {"index": i, **(item if item is not None else error_item(_lost()))}
+        for i, item in enumerate(items)
+    ]
+    succeeded = sum(1 for it in ordered if it["status"] == "ok")
+    document: dict[str, Any] = {
+        k: v for k, v in meta.items() if k not in BATCH_META_KEYS and isinstance(k, str)
+    }
+    document.update(
+        total=total,
+        succeeded=succeeded,
+        failed=total - succeeded,
+        cached=sum(1 for it in ordered if it.get("cached") is True),
+        items=ordered,
+    )
+    return document
+
+
+def summarize(retval: Any) -> str:
+    """A short outcome of a task's return value, for log lines."""
+    if isinstance(retval, dict) and "status" in retval:
+        problem = retval.get("problem") or {}
+        return str(retval["status"]) + (f":{problem.get('status')}" if problem else "")
+    if isinstance(retval, list):
+        n_ok = sum(1 for r in retval if isinstance(r, dict) and r.get("status") == "ok")
+        return f"ok={n_ok} error={len(retval) - n_ok}"
+    if isinstance(retval, dict) and "total" in retval:
+        return f"succeeded={retval.get('succeeded')} failed={retval.get('failed')}"
+    return type(retval).__name__
