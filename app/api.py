@@ -1,0 +1,465 @@
+"""Version 1 of the prediction API (``/api/v1``): predict, async jobs, batches.
+
+Views validate and hash the request against the served model's card, answer
+from the cache when they can, and otherwise dispatch to the workers and wait
+(up to ``predict_timeout_s``, or less with ``?timeout=``). A wait that runs out
+answers 202 with a job URL; the work goes on and the job can be polled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from flask import Blueprint, Response, g, jsonify, request, url_for
+
+from app.dispatch import Finished, JobRecord, job_status
+from app.errors import RemoteProblem, WorkerFailure, problem_type_slug
+from app.services import Services, services
+from heimdall.errors import (
+    HeimdallError,
+    InvalidInput,
+    InvalidRequest,
+    JobNotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
+from heimdall.iq import DecodedRequest, decode_request
+from heimdall.registry import ResolvedModel
+from heimdall.stations import load_network
+
+log = logging.getLogger("heimdall.api")
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+Item = dict[str, Any]
+
+
+# -- request helpers -----------------------------------------------------------------------
+
+
+def json_body() -> Any:
+    """The request body parsed as JSON (415 if not JSON, 413 if too large, 400 if malformed)."""
+    mimetype = request.mimetype
+    if not (mimetype == "application/json" or mimetype.endswith("+json")):
+        raise UnsupportedMediaType(
+            f"send the body as application/json, not {mimetype or 'no content type'}"
+        )
+    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw:
+        raise InvalidRequest("the request body is empty; a JSON object is expected")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the request body is nested too deeply") from exc
+
+
+def wait_budget(settings_timeout_s: float) -> float:
+    """Seconds to wait for the workers: ``predict_timeout_s``, lowered by ``?timeout=``."""
+    raw = request.args.get("timeout")
+    if raw is None:
+        return settings_timeout_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequest(
+            f"timeout must be a number of seconds >= 0, got {raw!r}", field="timeout"
+        )
+    return min(value, settings_timeout_s)
+
+
+def decode(payload: Any, model: ResolvedModel, min_stations: int) -> DecodedRequest:
+    """Validate one predict request against the served model's card."""
+    card = model.card
+    return decode_request(
+        payload,
+        stations=card.slots,
+        sample_rate_hz=card.features.sample_rate_hz,
+        band_mhz=card.band_mhz,
+        min_stations=min_stations,
+    )
+
+
+def _in_item(exc: HeimdallError, index: int) -> HeimdallError:
+    """The same error with its ``field`` located inside ``items[index]``."""
+    where = f"items[{index}]" + (f".{exc.field}" if exc.field else "")
+    located = type(exc)(exc.detail, field=where, **exc.extra)
+    located.__cause__ = exc
+    return located
+
+
+def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _accepted(job_id: str, status: str) -> Response:
+    url = url_for("api.get_job", job_id=job_id)
+    g.log_fields["job_id"] = job_id
+    body = {"job_id": job_id, "status": status, "status_url": url, "request_id": g.request_id}
+    return _json(body, 202, {"Location": url})
+
+
+def _timed_out(svc: Services, job_id: str, endpoint: str) -> Response:
+    svc.metrics.dispatch_timeouts.labels(endpoint=endpoint).inc()
+    state, finished = svc.dispatcher.peek(job_id)
+    return _accepted(job_id, job_status(state, finished))
+
+
+def _count_problem(svc: Services, problem: Mapping[str, Any]) -> None:
+    svc.metrics.prediction_errors.labels(type=problem_type_slug(dict(problem))).inc()
+
+
+# -- outcomes ------------------------------------------------------------------------------
+
+
+def predict_outcome(finished: Finished, job_id: str) -> dict[str, Any]:
+    """The result dict of a finished ``heimdall.predict``; raises its problem otherwise."""
+    value = finished.value
+    if finished.state == "SUCCESS" and isinstance(value, dict):
+        if value.get("status") == "ok" and isinstance(value.get("result"), dict):
+            result: dict[str, Any] = value["result"]
+            return result
+        if value.get("status") == "error" and isinstance(value.get("problem"), dict):
+            raise RemoteProblem(value["problem"])
+    log.error(
+        "prediction task failed",
+        extra={"job_id": job_id, "state": finished.state, "error": repr(value)[:500]},
+    )
+    raise WorkerFailure(f"the worker failed to run job {job_id}; it has been logged")
+
+
+def _item(status: str, body: Mapping[str, Any], cached: bool) -> Item:
+    key = "result" if status == "ok" else "problem"
+    return {"status": status, key: dict(body), "cached": cached}
+
+
+def batch_document(
+    raw: Any, *, job_id: str | None, request_id: str | None, elapsed_ms: float | None
+) -> dict[str, Any]:
+    """The API's batch document from ``collect_batch``'s (items in order, counts)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("items"), list):
+        raise WorkerFailure(f"batch job {job_id} returned no item list; it has been logged")
+    items = []
+    for position, item in enumerate(raw["items"]):
+        index = int(item.get("index", position))
+        if item.get("status") == "ok":
+            entry = _item("ok", item.get("result") or {}, bool(item.get("cached", False)))
+        else:
+            entry = _item("error", item.get("problem") or {}, False)
+        items.append({"index": index, **entry})
+    items.sort(key=lambda it: it["index"])
+    succeeded = sum(1 for it in items if it["status"] == "ok")
+    counts = {
+        "total": len(items),
+        "succeeded": succeeded,
+        "failed": len(items) - succeeded,
+        "cached": sum(1 for it in items if it["cached"]),
+    }
+    return {
+        "items": items,
+        "counts": counts,
+        "elapsed_ms": None if elapsed_ms is None else round(elapsed_ms, 3),
+        "request_id": request_id,
+        "job_id": job_id,
+    }
+
+
+def _cache_batch_results(
+    svc: Services, document: dict[str, Any], digests: Mapping[str, str]
+) -> None:
+    fresh = [
+        (digests[str(it["index"])], it["result"])
+        for it in document["items"]
+        if it["status"] == "ok" and not it["cached"] and str(it["index"]) in digests
+    ]
+    svc.cache.put_many(fresh)
+
+
+# -- single prediction ---------------------------------------------------------------------
+
+
+@bp.post("/predict")
+def predict() -> Response:
+    """Localize one transmitter; 200 with the result, or 202 with a job when the wait runs out."""
+    svc = services()
+    payload = json_body()
+    timeout_s = wait_budget(svc.settings.predict_timeout_s)
+    model = svc.model.current()
+    decoded = decode(payload, model, svc.settings.min_stations)
+    digest = decoded.digest()
+    hit = svc.cache.get(model.identity.name, model.identity.version, digest)
+    g.log_fields["cached"] = hit is not None
+    if hit is not None:
+        return _json({**hit, "cached": True, "request_id": g.request_id, "job_id": None})
+
+    job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id)[0]
+    job_id = svc.dispatcher.submit_predict(job, request_id=g.request_id, digest=digest)
+    g.log_fields["job_id"] = job_id
+    finished = svc.dispatcher.wait(job_id, timeout_s)
+    if finished is None:
+        return _timed_out(svc, job_id, "predict")
+    result = predict_outcome(finished, job_id)
+    svc.cache.put(digest, result)
+    return _json({**result, "cached": False, "request_id": g.request_id, "job_id": job_id})
+
+
+@bp.post("/predict/async")
+def predict_async() -> Response:
+    """Queue one prediction; 202 with the job to poll."""
+    svc = services()
+    payload = json_body()
+    model = svc.model.current()
+    decoded = decode(payload, model, svc.settings.min_stations)
+    digest = decoded.digest()
+    job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id)[0]
+    job_id = svc.dispatcher.submit_predict(job, request_id=g.request_id, digest=digest)
+    return _accepted(job_id, "queued")
+
+
+# -- batches -------------------------------------------------------------------------------
+
+
+@bp.post("/predict/batch")
+def predict_batch() -> Response:
+    """Localize many transmitters: cached items at once, the rest as a chord of chunks."""
+    return _batch(wait=True)
+
+
+@bp.post("/predict/batch/async")
+def predict_batch_async() -> Response:
+    """Queue a batch; 202 with the job (the chord callback) to poll."""
+    return _batch(wait=False)
+
+
+def _batch(*, wait: bool) -> Response:
+    svc = services()
+    settings = svc.settings
+    started = time.time()
+    payload = json_body()
+    timeout_s = wait_budget(settings.predict_timeout_s) if wait else 0.0
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the request body must be a JSON object with 'items'")
+    items = payload.get("items")
+    if not isinstance(items, list):
+        raise InvalidRequest("'items' must be a list of predict requests", field="items")
+    continue_on_error = payload.get("continue_on_error", True)
+    if not isinstance(continue_on_error, bool):
+        raise InvalidRequest("'continue_on_error' must be true or false", field="continue_on_error")
+    if len(items) > settings.max_batch_items:
+        raise PayloadTooLarge(
+            f"the batch has {len(items)} items; at most {settings.max_batch_items} are accepted",
+            field="items",
+        )
+    if not items:
+        raise InvalidInput("'items' is empty; send at least one predict request", field="items")
+
+    model = svc.model.current()
+    answered: dict[int, Item] = {}
+    valid: list[tuple[int, DecodedRequest, str]] = []
+    for index, item in enumerate(items):
+        try:
+            decoded = decode(item, model, settings.min_stations)
+        except HeimdallError as exc:
+            located = _in_item(exc, index)
+            if not continue_on_error:
+                raise located from exc
+            answered[index] = _item("error", located.to_problem(), False)
+            _count_problem(svc, answered[index]["problem"])
+            continue
+        valid.append((index, decoded, decoded.digest()))
+
+    hits = svc.cache.get_many(
+        model.identity.name, model.identity.version, [digest for _, _, digest in valid]
+    )
+    todo = []
+    for (index, decoded, digest), hit in zip(valid, hits, strict=True):
+        if hit is not None:
+            answered[index] = _item("ok", hit, True)
+        else:
+            todo.append((index, decoded, digest))
+    g.log_fields["items"] = len(items)
+
+    if not todo and wait:
+        local = {"items": [{"index": i, **answered[i]} for i in sorted(answered)]}
+        elapsed = (time.time() - started) * 1000.0
+        return _json(
+            batch_document(local, job_id=None, request_id=g.request_id, elapsed_ms=elapsed)
+        )
+
+    jobs = svc.dispatcher.jobs_for(
+        [decoded for _, decoded, _ in todo], [digest for _, _, digest in todo], g.request_id
+    )
+    size = settings.batch_chunk_size
+    chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
+    meta = {
+        "total": len(items),
+        "chunks": [
+            [index for index, _, _ in todo[k : k + size]] for k in range(0, len(todo), size)
+        ],
+        "answered": {str(i): item for i, item in answered.items()},
+        "request_id": g.request_id,
+        "started_at": started,
+    }
+    job_id = svc.dispatcher.submit_batch(
+        chunks,
+        meta,
+        request_id=g.request_id,
+        digests={index: digest for index, _, digest in todo},
+    )
+    g.log_fields["job_id"] = job_id
+    if not wait:
+        return _accepted(job_id, "queued")
+    finished = svc.dispatcher.wait(job_id, timeout_s)
+    if finished is None:
+        return _timed_out(svc, job_id, "predict_batch")
+    if finished.state != "SUCCESS":
+        log.error(
+            "batch callback failed",
+            extra={"job_id": job_id, "state": finished.state, "error": repr(finished.value)[:500]},
+        )
+        raise WorkerFailure(f"the workers failed to run batch job {job_id}; it has been logged")
+    elapsed = (time.time() - started) * 1000.0
+    document = batch_document(
+        finished.value, job_id=job_id, request_id=g.request_id, elapsed_ms=elapsed
+    )
+    _cache_batch_results(svc, document, {str(i): d for i, _, d in todo})
+    for it in document["items"]:
+        if it["status"] == "error" and it["index"] not in answered:
+            _count_problem(svc, it["problem"])
+    return _json(document)
+
+
+# -- jobs ----------------------------------------------------------------------------------
+
+
+@bp.get("/stations")
+def stations() -> Response:
+    """The served model's receivers in slot order, with the calibration in force.
+
+    What a client needs to build a valid request (see docs/iq-input.md): the
+    station ids, the sample rate and band, and each station's dBFS -> dBm
+    calibration from the operator's network file.
+    """
+    svc = services()
+    model = svc.model.current()
+    network = load_network(svc.settings.stations_file)
+    entries = []
+    for slot in model.card.stations:
+        sid = str(slot["id"])
+        current = network.get(sid) if sid in network else None
+        entries.append(
+            {
+                "id": sid,
+                "name": current.name if current else str(slot.get("name", sid)),
+                "latitude": float(slot["latitude"]),
+                "longitude": float(slot["longitude"]),
+                "altitude_m": float(slot.get("altitude_m", 0.0)),
+                "calibration_db": (
+                    current.calibration_db if current else float(slot["calibration_db"])
+                ),
+            }
+        )
+    body = {
+        "model": model.identity.to_dict(),
+        "sample_rate_hz": model.card.features.sample_rate_hz,
+        "band_mhz": list(model.card.band_mhz),
+        "min_stations": svc.settings.min_stations,
+        "stations": entries,
+    }
+    return _json(body)
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    """State of a job; its result (or problem) once it is done."""
+    if not _JOB_ID.match(job_id):
+        raise JobNotFound(f"no job {job_id!r}", field="job_id")
+    svc = services()
+    record: JobRecord | None
+    try:
+        record = svc.dispatcher.job_record(job_id)
+        store_up = True
+    except (redis.RedisError, OSError, ValueError):
+        record, store_up = None, False
+    if record is None and store_up:
+        raise JobNotFound(f"no job {job_id!r} (unknown id, or expired)", field="job_id")
+
+    state, finished = svc.dispatcher.peek(job_id)
+    if record is None:
+        # The job store is down; the result backend still knows finished jobs.
+        if finished is None:
+            raise ServiceUnavailable(f"the job store does not answer; cannot look up {job_id!r}")
+        kind = (
+            "batch" if isinstance(finished.value, dict) and "items" in finished.value else "predict"
+        )
+        record = JobRecord(job_id=job_id, kind=kind, created_at=0.0, request_id=None)
+
+    body: dict[str, Any] = {
+        "job_id": job_id,
+        "kind": record.kind,
+        "status": job_status(state, finished),
+        "request_id": record.request_id,
+        "created_at": record.created_at or None,
+    }
+    if finished is not None:
+        try:
+            body["result"] = _job_result(svc, record, finished)
+        except HeimdallError as exc:
+            body["status"] = "failed"
+            body["problem"] = exc.to_problem()
+    return _json(body)
+
+
+def _job_result(svc: Services, record: JobRecord, finished: Finished) -> dict[str, Any]:
+    if record.kind == "batch":
+        if finished.state != "SUCCESS":
+            raise WorkerFailure(f"batch job {record.job_id} failed in the workers")
+        done_at = _epoch(finished.date_done)
+        elapsed = None
+        if record.created_at and done_at is not None:
+            elapsed = (done_at - record.created_at) * 1000.0
+        document = batch_document(
+            finished.value,
+            job_id=record.job_id,
+            request_id=record.request_id,
+            elapsed_ms=elapsed,
+        )
+        _cache_batch_results(svc, document, record.extra.get("digests") or {})
+        return document
+    result = predict_outcome(finished, record.job_id)
+    digest = record.extra.get("digest")
+    if isinstance(digest, str):
+        svc.cache.put(digest, result)
+    return result
+
+
+def _epoch(date_done: Any) -> float | None:
+    """Celery's ``date_done`` (datetime or ISO text, UTC) as epoch seconds."""
+    if isinstance(date_done, str):
+        try:
+            date_done = datetime.fromisoformat(date_done)
+        except ValueError:
+            return None
+    if not isinstance(date_done, datetime):
+        return None
+    if date_done.tzinfo is None:
+        date_done = date_done.replace(tzinfo=UTC)
+    return date_done.timestamp()

@@ -1,0 +1,122 @@
+"""The prediction cache in Redis, and the Redis client the API shares.
+
+The cache is an optimization: when Redis is slow or down, every operation is
+logged and treated as a miss (or a skipped write) and the request is still
+served by the workers. Short socket timeouts keep a dead Redis from eating the
+request's time budget, and after a failure the cache stays off for a moment
+rather than paying the timeout again on every request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from app.metrics import ApiMetrics
+from heimdall.config import Settings
+
+log = logging.getLogger("heimdall.api.cache")
+
+BACKOFF_S = 1.0
+"""After a Redis error the cache is skipped this long (seconds) before trying again."""
+
+
+def make_redis(settings: Settings, url: str | None = None) -> redis.Redis:
+    """Redis client (default: ``redis_url``: cache, payloads, jobs) with short timeouts."""
+    return redis.Redis.from_url(
+        url or settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_socket_timeout_s,
+        health_check_interval=30,
+    )
+
+
+def prediction_key(model_name: str, version: str, digest: str) -> str:
+    """``heimdall:pred:{model_name}:{version}:{sha256}``."""
+    return f"heimdall:pred:{model_name}:{version}:{digest}"
+
+
+class PredictionCache:
+    """Cached prediction results keyed by model version and input digest."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, metrics: ApiMetrics) -> None:
+        self.client = client
+        self.ttl_s = settings.cache_ttl_s
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._skip_until = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        """False when the TTL is 0 (cache disabled by configuration)."""
+        return self.ttl_s > 0
+
+    def _available(self) -> bool:
+        return self.enabled and time.monotonic() >= self._skip_until
+
+    def _failed(self, operation: str, exc: Exception) -> None:
+        self.metrics.cache_errors.inc()
+        with self._lock:
+            already_off = time.monotonic() < self._skip_until
+            self._skip_until = time.monotonic() + BACKOFF_S
+        if not already_off:
+            log.warning(
+                "cache unavailable, serving without it",
+                extra={"operation": operation, "error": f"{type(exc).__name__}: {exc}"},
+            )
+
+    def get(self, model_name: str, version: str, digest: str) -> dict[str, Any] | None:
+        """The cached result for this input and model version, or None on a miss."""
+        return self.get_many(model_name, version, [digest])[0]
+
+    def get_many(
+        self, model_name: str, version: str, digests: Sequence[str]
+    ) -> list[dict[str, Any] | None]:
+        """Cached results for several inputs (one round trip); None where missing."""
+        if not digests:
+            return []
+        found: list[dict[str, Any] | None] = [None] * len(digests)
+        if self._available():
+            keys = [prediction_key(model_name, version, d) for d in digests]
+            try:
+                raw = self.client.mget(keys)
+            except (redis.RedisError, OSError) as exc:
+                self._failed("get", exc)
+            else:
+                for i, value in enumerate(raw):
+                    if value is None:
+                        continue
+                    try:
+                        found[i] = json.loads(value)
+                    except ValueError:
+                        log.warning("unreadable cache entry ignored", extra={"key": keys[i]})
+        hits = sum(value is not None for value in found)
+        self.metrics.cache_hits.inc(hits)
+        self.metrics.cache_misses.inc(len(found) - hits)
+        return found
+
+    def put(self, digest: str, result: dict[str, Any]) -> None:
+        """Store a worker's result under the version that produced it (its ``model`` field)."""
+        self.put_many([(digest, result)])
+
+    def put_many(self, entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Store several results in one round trip; errors are logged, never raised."""
+        if not entries or not self._available():
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for digest, result in entries:
+                    model = result.get("model") or {}
+                    if not model.get("name") or not model.get("version"):
+                        continue
+                    key = prediction_key(str(model["name"]), str(model["version"]), digest)
+                    pipe.set(key, json.dumps(result, separators=(",", ":")), ex=self.ttl_s)
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._failed("set", exc)

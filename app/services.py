@@ -1,0 +1,62 @@
+"""The per-app service objects (settings, Redis, Celery client, model view, counters).
+
+Built once by :func:`app.create_app` and kept in ``app.extensions``; views
+reach them through :func:`services`, never through module globals, so several
+apps (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import Flask, current_app
+from redis import Redis
+
+from app.cache import PredictionCache, make_redis
+from app.dispatch import Dispatcher, make_celery
+from app.metrics import ApiMetrics
+from app.model import ServedModel
+from heimdall.config import Settings
+
+EXTENSION = "heimdall"
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a view needs besides the request."""
+
+    settings: Settings
+    redis: Redis
+    broker_redis: Redis | None
+    """Direct client of the broker (when it is Redis), for a fast readiness check."""
+    celery: Celery
+    cache: PredictionCache
+    dispatcher: Dispatcher
+    model: ServedModel
+    metrics: ApiMetrics
+
+    @classmethod
+    def build(cls, settings: Settings, metrics: ApiMetrics) -> Services:
+        """Create the clients (no connection is opened until first use)."""
+        client = make_redis(settings)
+        celery = make_celery(settings)
+        return cls(
+            settings=settings,
+            redis=client,
+            broker_redis=make_redis(settings, settings.broker_url)
+            if settings.broker_url.startswith(("redis://", "rediss://", "unix://"))
+            else None,
+            celery=celery,
+            cache=PredictionCache(client, settings, metrics),
+            dispatcher=Dispatcher(settings, celery, client),
+            model=ServedModel(settings),
+            metrics=metrics,
+        )
+
+
+def services(app: Flask | None = None) -> Services:
+    """The services of ``app`` (default: the current app)."""
+    target = app if app is not None else current_app
+    found: Services = target.extensions[EXTENSION]
+    return found

@@ -1,0 +1,61 @@
+"""gunicorn settings of the Heimdall API: ``gunicorn -c deploy/gunicorn.conf.py wsgi:app``.
+
+Environment: ``HEIMDALL_API_BIND`` (default 0.0.0.0:8000), ``HEIMDALL_API_WORKERS``
+(default 2), ``HEIMDALL_API_THREADS`` (default 8), ``PROMETHEUS_MULTIPROC_DIR``
+(default var/prometheus), plus the service's own ``HEIMDALL_*`` settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from heimdall.config import get_settings
+
+_settings = get_settings()
+
+# prometheus_client picks its multiprocess value class when it is first
+# imported, so the directory must be in the environment before any worker
+# imports the app (workers fork from this process and inherit it).
+_metrics_dir = Path(
+    os.environ.setdefault(
+        "PROMETHEUS_MULTIPROC_DIR", str((_settings.var_dir / "prometheus").resolve())
+    )
+)
+
+bind = os.environ.get("HEIMDALL_API_BIND", "0.0.0.0:8000")
+workers = int(os.environ.get("HEIMDALL_API_WORKERS", "2"))
+# Sync /predict blocks a thread while it waits for a worker (up to
+# predict_timeout_s); threads keep one slow wait from stalling a whole process.
+worker_class = "gthread"
+threads = int(os.environ.get("HEIMDALL_API_THREADS", "8"))
+# Above the longest wait a view does, so gunicorn never kills a healthy wait.
+timeout = int(_settings.predict_timeout_s) + 30
+graceful_timeout = int(_settings.predict_timeout_s) + 10
+keepalive = 5
+if Path("/dev/shm").is_dir():
+    # Heartbeat files on tmpfs: a slow disk must not get workers killed.
+    worker_tmp_dir = "/dev/shm"
+
+accesslog = "-"
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+access_log_format = (
+    'remote=%(h)s method=%(m)s path="%(U)s" query="%(q)s" status=%(s)s bytes=%(B)s '
+    'duration_ms=%(M)s request_id=%({x-request-id}o)s agent="%(a)s"'
+)
+
+
+def on_starting(server: Any) -> None:
+    """Start with an empty metrics directory: old workers' files would be counted again."""
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in _metrics_dir.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Mark a dead worker's live gauges as gone (its counters still add up)."""
+    from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
+
+    GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
