@@ -112,4 +112,7 @@ def test_register_if_missing_never_moves_an_existing_alias(settings, tmp_path, m
         capsys.readouterr()
         assert resolve_version(settings, "champion").version == promoted.version
     finally:
+        # Restore the environment before dropping the cached settings, so the next
+        # get_settings() reads the session's environment, not this test's.
+        monkeypatch.undo()
         config.get_settings.cache_clear()
