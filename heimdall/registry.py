@@ -14,10 +14,12 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from heimdall.config import Settings
 from heimdall.errors import ModelCardInvalid, ModelUnavailable
@@ -43,16 +45,42 @@ def shipped_model_dir() -> Path:
     return Path(str(resources.files("heimdall").joinpath("models/heimdall-localizer")))
 
 
-def _client(settings: Settings) -> Any:
+_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def _registry(settings: Settings) -> Iterator[Any]:
+    """An MlflowClient on ``settings``' registry, with mlflow's globals pointed there.
+
+    mlflow's fluent API (start_run, log_model) only knows the process-wide
+    URIs, and ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI``
+    into ``os.environ``, which Settings reads. Both are restored on exit so a
+    registry call never changes which registry the process is configured for.
+    """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    saved_env = {name: os.environ.get(name) for name in _URI_VARIABLES}
+    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
+    saved_registry = getattr(registry_utils, "_registry_uri", None)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    finally:
+        # None is accepted at run time (it means "not set"), though not typed so.
+        mlflow.set_tracking_uri(cast(str, saved_tracking))
+        mlflow.set_registry_uri(cast(str, saved_registry))
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _experiment_id(client: Any, settings: Settings) -> str:
@@ -79,17 +107,30 @@ def register_model(
     file's sha256), so the call is idempotent. Returns the identity and
     whether a new version was created.
     """
-    import mlflow
-    import mlflow.onnx
-    import onnx
-    from mlflow.exceptions import MlflowException
-
     model_dir = model_dir or shipped_model_dir()
     alias = alias or settings.model_alias
     card = ModelCard.load(model_dir / CARD_FILENAME)
     onnx_path = model_dir / MODEL_FILENAME
     card.check_model(onnx_path)
-    client = _client(settings)
+    with _registry(settings) as client:
+        return _register(client, settings, card, onnx_path, model_dir, alias, params)
+
+
+def _register(
+    client: Any,
+    settings: Settings,
+    card: ModelCard,
+    onnx_path: Path,
+    model_dir: Path,
+    alias: str,
+    params: dict[str, Any] | None,
+) -> tuple[ModelIdentity, bool]:
+    """Log and register with ``client``; see :func:`register_model`."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow.exceptions import MlflowException
+
     name = settings.model_name
 
     try:
@@ -152,9 +193,9 @@ def resolve_version(settings: Settings, alias: str | None = None) -> ModelIdenti
     from mlflow.exceptions import MlflowException
 
     alias = alias or settings.model_alias
-    client = _client(settings)
     try:
-        mv = client.get_model_version_by_alias(settings.model_name, alias)
+        with _registry(settings) as client:
+            mv = client.get_model_version_by_alias(settings.model_name, alias)
     except MlflowException as exc:
         raise ModelUnavailable(
             f"no version of {settings.model_name!r} has alias {alias!r} in the registry "
@@ -180,11 +221,12 @@ def _download(settings: Settings, identity: ModelIdentity, target: Path) -> None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{identity.version}-", dir=target.parent))
     try:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{identity.name}/{identity.version}",
-            dst_path=str(staging),
-            tracking_uri=settings.tracking_uri,
-        )
+        with _registry(settings):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{identity.name}/{identity.version}",
+                dst_path=str(staging),
+                tracking_uri=settings.tracking_uri,
+            )
         card = staging / "extra_files" / CARD_FILENAME
         if not card.is_file():
             raise ModelCardInvalid(

@@ -219,12 +219,6 @@ def service_env(
         get_settings.cache_clear()
         _reload_celeryconfig()
         register_model(get_settings())
-        # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; drop it so the
-        # service (and every worker started from this env) derives the registry
-        # from HEIMDALL_VAR_DIR alone, as the embedded default does.
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            mp.delenv(name, raising=False)
-        get_settings.cache_clear()
         yield dict(os.environ)
     get_settings.cache_clear()
     _reload_celeryconfig()

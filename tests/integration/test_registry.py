@@ -64,23 +64,25 @@ def test_a_model_without_a_card_is_refused(settings, tmp_path):
     import mlflow
     import mlflow.onnx
     import onnx
-    from mlflow import MlflowClient
+
+    from heimdall.registry import _registry
 
     register_model(settings)
-    experiment = MlflowClient().create_experiment(
-        "manual", artifact_location=(tmp_path / "manual").as_uri()
-    )
-    with mlflow.start_run(experiment_id=experiment):
-        info = mlflow.onnx.log_model(
-            onnx.load(str(shipped_model_dir() / "model.onnx")),
-            name="model",
-            registered_model_name=settings.model_name,
-            onnx_execution_providers=["CPUExecutionProvider"],
-            save_as_external_data=False,
+    with _registry(settings) as client:
+        experiment = client.create_experiment(
+            "manual", artifact_location=(tmp_path / "manual").as_uri()
         )
-    MlflowClient().set_registered_model_alias(
-        settings.model_name, "cardless", info.registered_model_version
-    )
+        with mlflow.start_run(experiment_id=experiment):
+            info = mlflow.onnx.log_model(
+                onnx.load(str(shipped_model_dir() / "model.onnx")),
+                name="model",
+                registered_model_name=settings.model_name,
+                onnx_execution_providers=["CPUExecutionProvider"],
+                save_as_external_data=False,
+            )
+        client.set_registered_model_alias(
+            settings.model_name, "cardless", info.registered_model_version
+        )
     with pytest.raises(ModelCardInvalid, match=r"model_card\.json"):
         resolve(settings, "cardless")
 
@@ -116,3 +118,16 @@ def test_register_if_missing_never_moves_an_existing_alias(settings, tmp_path, m
         # get_settings() reads the session's environment, not this test's.
         monkeypatch.undo()
         config.get_settings.cache_clear()
+
+
+def test_registry_calls_leave_the_process_configuration_alone(settings, monkeypatch):
+    """mlflow.set_tracking_uri writes os.environ; the registry must undo that."""
+    import os
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/elsewhere.db")
+    register_model(settings)
+    resolve(settings)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////nonexistent/elsewhere.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    resolve_version(settings)
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -287,10 +287,7 @@ def test_reload_model_switches_children_to_new_alias(
     celery_client: Celery,
     make_job: Callable[..., Any],
     version: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # register_model exports MLFLOW_TRACKING_URI; have it removed again afterwards.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", get_settings().tracking_uri)
     identity, created = register_model(get_settings(), alias="challenger")
     assert (identity.version, created) == (version, False)
     before = {c["pid"] for c in celery_worker_proc.status()["children"]}
@@ -327,7 +324,6 @@ def test_worker_with_empty_registry_reports_failed_children(
     celery_client: Celery,
     make_job: Callable[..., Any],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     worker = worker_factory(
         "empty-worker@%h",
@@ -358,7 +354,6 @@ def test_worker_with_empty_registry_reports_failed_children(
 
         # Recovery without a restart: register a model there, then reload.
         empty_registry = Settings(var_dir=tmp_path / "empty-var")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_registry.tracking_uri)  # undone after
         identity, _ = register_model(empty_registry)
         reply = _reload(worker, None)
         assert reply["ok"] is True, reply
