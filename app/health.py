@@ -8,7 +8,9 @@ and at least one worker child reports a loaded model to the
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Any
 
 import redis
@@ -24,6 +26,9 @@ log = logging.getLogger("heimdall.api.health")
 bp = Blueprint("health", __name__)
 
 MODEL_STATUS_COMMAND = "heimdall_model_status"
+WORKERS_KEY_PREFIX = "heimdall:workers:"
+ANNOUNCE_FRESH_S = 30.0
+"""Children refresh their record every 10 s; older than this, they are gone."""
 
 
 @bp.get("/health")
@@ -58,8 +63,16 @@ def ready() -> Response:
         # A direct PING fails in milliseconds; a broadcast to a dead broker retries for seconds.
         if svc.broker_redis is not None:
             svc.broker_redis.ping()
+        # Waiting out the whole timeout for replies (no `limit`) makes kombu's
+        # Redis pidbox lose the reply to the next broadcast about one time in
+        # three, so /ready flapped. The workers' children announce themselves
+        # in Redis: expect that many hosts, and return as soon as they answered.
+        expected = _announced_workers(svc.redis)
         replies = svc.celery.control.broadcast(
-            MODEL_STATUS_COMMAND, reply=True, timeout=svc.settings.ready_timeout_s
+            MODEL_STATUS_COMMAND,
+            reply=True,
+            timeout=svc.settings.ready_timeout_s,
+            limit=len(expected) or None,
         )
         checks["broker"] = "ok"
     except (KombuError, redis.RedisError, OSError) as exc:
@@ -97,6 +110,31 @@ def ready() -> Response:
             }
         )
     return jsonify({"status": "ready", **body})
+
+
+def _announced_workers(client: redis.Redis) -> set[str]:
+    """Hostnames of workers whose pool children announced themselves recently.
+
+    Each child writes ``heimdall:workers:{hostname}`` field ``{pid}`` with the
+    time ``at`` every few seconds (see tasks/model.py) and removes it on exit;
+    a record older than ANNOUNCE_FRESH_S is a worker that died without saying so.
+    """
+    now = time.time()
+    hosts = set()
+    try:
+        for key in client.scan_iter(match=WORKERS_KEY_PREFIX + "*", count=100):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            for raw in client.hvals(name):
+                try:
+                    at = float(json.loads(raw).get("at", 0.0))
+                except (ValueError, TypeError, AttributeError):
+                    continue
+                if now - at < ANNOUNCE_FRESH_S:
+                    hosts.add(name.removeprefix(WORKERS_KEY_PREFIX))
+                    break
+    except (redis.RedisError, OSError):
+        return set()
+    return hosts
 
 
 def _worker_entry(hostname: str, status: Any) -> dict[str, Any]:

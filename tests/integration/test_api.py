@@ -627,6 +627,12 @@ def test_health_and_ready(client: FlaskClient, celery_worker_proc: Any) -> None:
     assert ready["model_versions"] == [ready["model"]["version"]]
 
 
+def test_ready_does_not_flap(client: FlaskClient, celery_worker_proc: Any) -> None:
+    """Readiness probes in a row all see the running worker (they used to lose replies)."""
+    statuses = [client.get("/ready").status_code for _ in range(12)]
+    assert statuses == [200] * 12
+
+
 def test_not_ready_without_a_worker(make_app: Callable[..., Flask], redis_server: Any) -> None:
     # Databases no worker listens on: the broadcast finds nobody.
     app = make_app(
