@@ -59,3 +59,19 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
     GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Resolve the served model before the first request reaches this worker.
+
+    The first resolution imports MLflow and reads the registry (2-3 s); doing it
+    here keeps that off the first client's latency. A registry that is not
+    reachable yet is not fatal: the views retry and answer 503 meanwhile.
+    """
+    from app.services import services
+    from heimdall.errors import HeimdallError
+
+    try:
+        services(worker.wsgi).model.current()
+    except HeimdallError as exc:
+        worker.log.warning("model not resolved at start (will retry per request): %s", exc)
