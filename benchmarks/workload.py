@@ -10,21 +10,13 @@ import json
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
-
-from heimdall.features import FeatureParams
-from heimdall.iq import DecodedRequest, decode_request, encode_base64
+from heimdall.iq import DecodedRequest, decode_request
 from heimdall.modelcard import CARD_FILENAME, ModelCard
 from heimdall.registry import shipped_model_dir
-from heimdall.simulate import SimulationParams, sample_scenes, synthesize_iq
-from heimdall.stations import Network, load_network
+from heimdall.simulate.requests import ENCODINGS
+from heimdall.simulate.requests import simulated_request as simulated_request_body
 
-ENCODINGS = ("base64", "pairs")
-
-
-@lru_cache(maxsize=1)
-def _network() -> Network:
-    return load_network()
+__all__ = ["ENCODINGS", "decoded_request", "request_bytes", "shipped_card", "simulated_request"]
 
 
 def simulated_request(
@@ -37,27 +29,9 @@ def simulated_request(
     the simulator's minimum), ``samples`` complex samples per station at the
     features' sample rate, as base64 complex64 or ``[[I, Q], ...]`` pairs.
     """
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {ENCODINGS}, not {encoding!r}")
-    network = _network()
-    sim = SimulationParams(station_presence=1.0 if all_stations else 0.9)
-    rate = FeatureParams().sample_rate_hz
-    rng = np.random.default_rng(seed)
-    scenes = sample_scenes(rng, 1, network, sim, rate)
-    iq = synthesize_iq(rng, scenes, network, sim, rate, samples)[0]
-    receivers = []
-    for j, sid in enumerate(network.ids):
-        if not scenes.present[0, j]:
-            continue
-        x = iq[j]
-        value: Any = (
-            encode_base64(x)
-            if encoding == "base64"
-            # float32 -> Python float, as the CLI writes them: what a JSON client sends.
-            else np.ascontiguousarray(x, dtype="<c8").view("<f4").reshape(-1, 2).tolist()
-        )
-        receivers.append({"station": sid, "iq": value})
-    return {"receivers": receivers, "sample_rate_hz": rate, "frequency_mhz": sim.carrier_mhz}
+    body = simulated_request_body(seed, samples, encoding, all_stations=all_stations)
+    body.pop("truth")
+    return body
 
 
 def request_bytes(seed: int, samples: int = 4096, encoding: str = "base64") -> bytes:

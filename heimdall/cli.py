@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from heimdall.config import get_settings
 from heimdall.errors import HeimdallError
 
@@ -100,39 +98,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Write a /predict request built from one simulated scene, with its truth alongside."""
-    from heimdall.features import FeatureParams
-    from heimdall.iq import encode_base64
-    from heimdall.simulate import SimulationParams, sample_scenes, synthesize_iq
+    from heimdall.simulate.requests import simulated_request
     from heimdall.stations import load_network
 
-    network = load_network(get_settings().stations_file)
-    sim = SimulationParams(station_presence=1.0 if args.all_stations else 0.9)
-    rate = FeatureParams().sample_rate_hz
-    rng = np.random.default_rng(args.seed)
-    scenes = sample_scenes(rng, 1, network, sim, rate)
-    iq = synthesize_iq(rng, scenes, network, sim, rate, args.samples)[0]
-    receivers = []
-    for j, sid in enumerate(network.ids):
-        if not scenes.present[0, j]:
-            continue
-        x = iq[j]
-        value: Any = (
-            encode_base64(x)
-            if args.encoding == "base64"
-            else [[float(v.real), float(v.imag)] for v in x]
-        )
-        receivers.append({"station": sid, "iq": value})
-    body = {
-        "receivers": receivers,
-        "sample_rate_hz": rate,
-        "frequency_mhz": sim.carrier_mhz,
-        "truth": {
-            "latitude": round(float(scenes.tx_latitude[0]), 6),
-            "longitude": round(float(scenes.tx_longitude[0]), 6),
-            "tx_power_dbm": round(float(scenes.tx_power_dbm[0]), 2),
-            "seed": args.seed,
-        },
-    }
+    body = simulated_request(
+        args.seed,
+        args.samples,
+        args.encoding,
+        all_stations=args.all_stations,
+        network=load_network(get_settings().stations_file),
+    )
+    receivers = body["receivers"]
     text = json.dumps(body)
     if args.out == "-":
         print(text)

@@ -22,7 +22,6 @@ Fixtures (names are an API other test modules rely on):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import os
 import shutil
@@ -35,22 +34,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import redis
 from celery import Celery
 from celery.utils.nodenames import host_format
 
 from heimdall.config import get_settings
-from heimdall.iq import encode_base64
 from heimdall.modelcard import MODEL_FILENAME
 from heimdall.registry import register_model, shipped_model_dir
-from heimdall.simulate import SimulationParams, sample_scenes, synthesize_iq
-from heimdall.stations import load_network
+from heimdall.simulate.requests import simulated_request
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
-SAMPLE_RATE_HZ = 48_000.0
 WORKER_READY_TIMEOUT_S = 60.0
 
 # Databases of the private Redis: queues, results and the cache/claim-check are
@@ -437,35 +432,9 @@ def make_request(
     samples, as base64 complex64 (``encoding="base64"``) or ``[[I, Q], ...]``
     (``encoding="pairs"``).
     """
-    if encoding not in ("base64", "pairs"):
-        raise ValueError(f"encoding must be 'base64' or 'pairs', not {encoding!r}")
-    network = load_network()
-    params = SimulationParams()
-    rng = np.random.default_rng(seed)
-    scenes = sample_scenes(rng, 1, network, params, SAMPLE_RATE_HZ)
-    if stations is not None:
-        unknown = set(stations) - set(network.ids)
-        if unknown:
-            raise ValueError(f"unknown stations {sorted(unknown)}")
-        present = np.array([[sid in stations for sid in network.ids]])
-        scenes = dataclasses.replace(scenes, present=present)
-    iq = synthesize_iq(rng, scenes, network, params, SAMPLE_RATE_HZ, n_samples)[0]
-    receivers = []
-    for i, sid in enumerate(network.ids):
-        if not scenes.present[0, i]:
-            continue
-        x = iq[i]
-        value: Any = (
-            encode_base64(x)
-            if encoding == "base64"
-            else np.ascontiguousarray(x, dtype="<c8").view("<f4").reshape(-1, 2).tolist()
-        )
-        receivers.append({"station": sid, "iq": value})
-    return {
-        "sample_rate_hz": SAMPLE_RATE_HZ,
-        "frequency_mhz": params.carrier_mhz,
-        "receivers": receivers,
-    }
+    body = simulated_request(seed, n_samples, encoding, stations=stations)
+    body.pop("truth")
+    return body
 
 
 @pytest.fixture(scope="session")

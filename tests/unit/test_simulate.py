@@ -96,3 +96,22 @@ def test_terrain_maps_are_fixed_correlated_and_of_the_stated_spread():
     assert np.abs(near[0] - near[1]).mean() < np.abs(far[0] - far[1]).mean()
     other = terrain_shadowing_db(east[:100], north[:100], 7, SimulationParams(terrain_seed=1))
     assert not np.allclose(other, t[:100])
+
+
+def test_simulated_request_is_valid_reproducible_and_carries_its_truth():
+    from heimdall.iq import decode_request
+    from heimdall.simulate.requests import simulated_request
+
+    a = simulated_request(4, 1024)
+    assert a == simulated_request(4, 1024)
+    req = decode_request(
+        a, stations=NET.ids, sample_rate_hz=FS, band_mhz=(144.0, 146.0), min_stations=3
+    )
+    pairs = simulated_request(4, 1024, "pairs")
+    again = decode_request(
+        pairs, stations=NET.ids, sample_rate_hz=FS, band_mhz=(144.0, 146.0), min_stations=3
+    )
+    assert req.digest() == again.digest()
+    assert {"latitude", "longitude", "tx_power_dbm"} <= set(a["truth"])
+    only = simulated_request(4, 1024, stations={"torino", "genova", "giaveno"})
+    assert sorted(r["station"] for r in only["receivers"]) == ["genova", "giaveno", "torino"]
