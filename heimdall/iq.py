@@ -18,6 +18,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,11 @@ class DecodedRequest:
 
     def to_bytes(self) -> bytes:
         """Canonical binary form: the cache key's input and the worker hand-off."""
+        return self._canonical
+
+    @cached_property
+    def _canonical(self) -> bytes:
+        # Built once: the API needs it twice (digest, then the payload it stores).
         header = json.dumps(
             {
                 "sample_rate_hz": self.sample_rate_hz,
@@ -71,7 +77,7 @@ class DecodedRequest:
 
     def digest(self) -> str:
         """sha256 (hex) of the canonical form."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        return hashlib.sha256(self._canonical).hexdigest()
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> DecodedRequest:
