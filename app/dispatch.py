@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,13 +200,8 @@ class Dispatcher:
         """Send ``heimdall.predict``; returns the job (task) id. 503 when the broker is down."""
         job_id = new_job_id()
         self._record(job_id, "predict", request_id, digest=digest)
-        try:
+        with self._publishing(job_id):
             self.celery.send_task(PREDICT_TASK, args=[job], task_id=job_id)
-        except _MAYBE_OUTAGE as exc:
-            if not is_redis_outage(exc):
-                raise
-            self._forget(job_id)
-            raise _broker_down(exc) from exc
         return job_id
 
     def submit_batch(
@@ -224,7 +219,7 @@ class Dispatcher:
         """
         job_id = new_job_id()
         self._record(job_id, "batch", request_id, digests={str(i): d for i, d in digests.items()})
-        try:
+        with self._publishing(job_id):
             if chunks:
                 header = group(
                     [self.celery.signature(CHUNK_TASK, args=[list(chunk)]) for chunk in chunks],
@@ -234,12 +229,18 @@ class Dispatcher:
                 chord(header, body, app=self.celery).apply_async(task_id=job_id)
             else:
                 self.celery.send_task(COLLECT_TASK, args=[[], meta], task_id=job_id)
+        return job_id
+
+    @contextlib.contextmanager
+    def _publishing(self, job_id: str) -> Iterator[None]:
+        """Publish inside this: a broker outage drops the job record and becomes a 503."""
+        try:
+            yield
         except _MAYBE_OUTAGE as exc:
             if not is_redis_outage(exc):
                 raise
             self._forget(job_id)
             raise _broker_down(exc) from exc
-        return job_id
 
     # -- waiting and state ------------------------------------------------------------------
 
