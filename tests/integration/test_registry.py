@@ -11,6 +11,20 @@ from heimdall.modelcard import sha256_file
 from heimdall.registry import register_model, resolve, resolve_version, shipped_model_dir
 
 
+def variant_model(folder, note):
+    """A copy of the shipped model whose ONNX bytes (metadata only) and card differ."""
+    import onnx
+
+    shutil.copytree(shipped_model_dir(), folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    model.doc_string = note
+    onnx.save(model, str(folder / "model.onnx"))
+    card = json.loads((folder / "model_card.json").read_text())
+    card["onnx_sha256"] = sha256_file(folder / "model.onnx")
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder
+
+
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -35,17 +49,8 @@ def test_registering_twice_is_harmless(settings):
 
 def test_aliases_choose_the_version(settings, tmp_path):
     register_model(settings)
-    other = tmp_path / "other"
-    shutil.copytree(shipped_model_dir(), other)
-    # A different ONNX file (metadata changed) is a new version.
-    import onnx
-
-    model = onnx.load(str(other / "model.onnx"))
-    model.doc_string = "challenger"
-    onnx.save(model, str(other / "model.onnx"))
+    other = variant_model(tmp_path / "other", "challenger")
     card = json.loads((other / "model_card.json").read_text())
-    card["onnx_sha256"] = sha256_file(other / "model.onnx")
-    (other / "model_card.json").write_text(json.dumps(card))
     challenger, created = register_model(settings, other, alias="challenger")
     assert created
     assert resolve_version(settings, "challenger").version == challenger.version
@@ -99,16 +104,7 @@ def test_register_if_missing_never_moves_an_existing_alias(settings, tmp_path, m
         first = json.loads(capsys.readouterr().out)
         assert first["created"] is True
         # An operator points champion at another version.
-        other = tmp_path / "other"
-        shutil.copytree(shipped_model_dir(), other)
-        import onnx
-
-        model = onnx.load(str(other / "model.onnx"))
-        model.doc_string = "promoted"
-        onnx.save(model, str(other / "model.onnx"))
-        card = json.loads((other / "model_card.json").read_text())
-        card["onnx_sha256"] = sha256_file(other / "model.onnx")
-        (other / "model_card.json").write_text(json.dumps(card))
+        other = variant_model(tmp_path / "other", "promoted")
         promoted, _ = register_model(settings, other, alias="champion")
         assert main(["model", "register", "--if-missing"]) == 0
         capsys.readouterr()
