@@ -21,8 +21,8 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-# Job results (and the claim-check payloads, same TTL) are polled by clients
-# through GET /api/v1/jobs/<id>; keep them as long as the API promises.
+# Job results are polled by clients through GET /api/v1/jobs/<id>; keep them as
+# long as the API promises (the API shortens the ones it already answered).
 result_expires = _settings.result_expires_s
 
 # A prediction is a pure function of its payload, so running it twice is
@@ -30,9 +30,9 @@ result_expires = _settings.result_expires_s
 # leaves the message to be delivered again instead of losing the job.
 task_acks_late = True
 # ...and when the pool child running it is killed (OOM, segfault in a native
-# library), requeue the message at once instead of recording a failure.
-# Known trade-off: a message that kills every child it reaches is requeued
-# forever; Celery 5.7's task_retry_on_worker_lost + max_retries would bound it.
+# library), requeue the message at once instead of recording a failure. A
+# message that kills every child it reaches is not requeued forever: the task
+# base class counts starts and fails it after max_task_attempts (tasks/predict.py).
 task_reject_on_worker_lost = True
 # With acks_late, each child reserves at most one extra message: a slow task
 # cannot hold a queue of work hostage while other workers sit idle.
@@ -78,10 +78,14 @@ task_publish_retry_policy = {
 broker_transport_options = {
     # With acks_late, Redis hands an unacknowledged message to another worker
     # after this long (e.g. when a worker's main process was SIGKILLed). It
-    # must exceed the longest a reserved message can wait plus run (prefetch 1,
-    # time limit above), else healthy jobs would be duplicated; the 1 h default
+    # must exceed the longest a reserved message can wait plus run (prefetch 1:
+    # two time limits), else healthy jobs would be duplicated; the 1 h default
     # would leave a crashed worker's jobs stuck for an hour.
-    "visibility_timeout": max(300, int(10 * _settings.task_time_limit_s)),
+    "visibility_timeout": _settings.visibility_timeout_s,
+    # ...and look for such messages every 5 s. kombu's default sweeps every
+    # 10 s x a throttle of 10, which added up to 100 s to every redelivery.
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
     # Fail fast when Redis is down instead of blocking the API's request thread.
     "socket_connect_timeout": 2.0,
 }

@@ -8,8 +8,10 @@ passes it down; nothing below reads ``os.environ`` itself. Names carry the
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,7 +26,10 @@ class Settings(BaseSettings):
     """Folder for local state: the embedded MLflow registry, downloaded models."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis for the prediction cache and the request payloads handed to workers."""
+    """State Redis: job records, request payloads, worker heartbeats (persistent, never evicts)."""
+
+    cache_redis_url: str | None = None
+    """Redis of the prediction cache (may evict); unset: the next database of ``redis_url``."""
 
     broker_url: str = Field(
         default="redis://127.0.0.1:6379/0",
@@ -62,11 +67,29 @@ class Settings(BaseSettings):
     predict_timeout_s: float = Field(default=5.0, gt=0)
     """How long sync /predict waits for a worker before answering 202 with a job URL."""
 
-    task_time_limit_s: float = Field(default=30.0, gt=0)
-    """Hard time limit of one prediction task, seconds."""
+    task_time_limit_s: float = Field(default=20.0, gt=0)
+    """Hard time limit of one prediction task, seconds (also sizes the redelivery timeout)."""
 
-    result_expires_s: int = Field(default=86_400, gt=0)
-    """How long finished job results (and payloads) are kept in Redis, seconds."""
+    result_expires_s: int = Field(default=3_600, gt=0)
+    """How long a job handed to a client (202, async) and its result are kept, seconds."""
+
+    answered_job_ttl_s: int = Field(default=60, gt=0)
+    """How long a job already answered in its sync response stays pollable, seconds."""
+
+    payload_ttl_s: int = Field(default=1_800, gt=0)
+    """Longest a request payload waits for a worker, seconds (deleted once its task is done)."""
+
+    max_task_attempts: int = Field(default=2, ge=1)
+    """Times a task may start; one that killed its worker process this often is failed."""
+
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    """How often each worker process refreshes its heartbeat record, seconds."""
+
+    heartbeat_timeout_s: float = Field(default=20.0, gt=0)
+    """A worker process whose heartbeat is older than this is gone, seconds."""
+
+    registry_retry_s: float = Field(default=30.0, gt=0)
+    """How often a worker serving its local fallback model retries the registry, seconds."""
 
     cache_ttl_s: int = Field(default=3_600, ge=0)
     """Time-to-live of cached predictions, seconds (0 disables the cache)."""
@@ -83,9 +106,6 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(default=0.25, gt=0)
     """Connect and read timeout of the API's Redis client (cache, payloads, jobs), seconds."""
 
-    ready_timeout_s: float = Field(default=0.5, gt=0, le=1.0)
-    """How long /ready waits for workers to answer the model-status broadcast, seconds."""
-
     onnx_intra_op_threads: int = Field(default=1, ge=1)
     """onnxruntime intra-op threads per worker child (prefork gives the parallelism)."""
 
@@ -99,6 +119,26 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper()
+
+    @property
+    def cache_url(self) -> str:
+        """The prediction cache: ``cache_redis_url``, else the next database of ``redis_url``."""
+        if self.cache_redis_url:
+            return self.cache_redis_url
+        parts = urlsplit(self.redis_url)
+        current = parts.path.strip("/") or "0"
+        following = (int(current) + 1) % 16 if current.isdigit() else 1
+        return urlunsplit(parts._replace(path=f"/{following}"))
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """When the broker hands an unacknowledged task to another worker, seconds.
+
+        A reserved message (prefetch 1) waits at most one running task, then runs
+        itself: two time limits plus a margin; any longer only delays the
+        redelivery of a crashed worker's work.
+        """
+        return int(2 * self.task_time_limit_s + 10)
 
     @property
     def tracking_uri(self) -> str:
@@ -118,7 +158,18 @@ class Settings(BaseSettings):
         return f"models:/{self.model_name}@{self.model_alias}"
 
 
+ENV_FILE = "var/run.env"
+"""Written by deploy/ensure-redis.sh: the embedded Redis servers' URLs (with their password)."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Settings of this process, read from the environment once."""
-    return Settings()
+    """Settings of this process, read from the environment once.
+
+    Values missing from the environment are taken from ``var/run.env`` when it
+    exists, so every process started in the checkout (``make run``, the
+    ``heimdall`` command) finds the embedded Redis; ``HEIMDALL_ENV_FILE`` names
+    another file, and an empty value turns the file off.
+    """
+    env_file = os.environ.get("HEIMDALL_ENV_FILE", ENV_FILE)
+    return Settings(_env_file=env_file or None)  # type: ignore[call-arg]
