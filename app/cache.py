@@ -13,12 +13,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 
 from app.metrics import ApiMetrics
+from heimdall import contract
 from heimdall.config import Settings
 
 log = logging.getLogger("heimdall.api.cache")
@@ -28,7 +29,7 @@ BACKOFF_S = 1.0
 
 
 def make_redis(settings: Settings, url: str | None = None) -> redis.Redis:
-    """Redis client (default: ``redis_url``: cache, payloads, jobs) with short timeouts."""
+    """Redis client (default: ``redis_url``: payloads, jobs, heartbeats) with short timeouts."""
     return redis.Redis.from_url(
         url or settings.redis_url,
         socket_timeout=settings.redis_socket_timeout_s,
@@ -37,9 +38,7 @@ def make_redis(settings: Settings, url: str | None = None) -> redis.Redis:
     )
 
 
-def prediction_key(model_name: str, version: str, digest: str) -> str:
-    """``heimdall:pred:{model_name}:{version}:{sha256}``."""
-    return f"heimdall:pred:{model_name}:{version}:{digest}"
+prediction_key = contract.prediction_key
 
 
 class PredictionCache:
@@ -75,6 +74,33 @@ class PredictionCache:
         """The cached result for this input and model version, or None on a miss."""
         return self.get_many(model_name, version, [digest])[0]
 
+    def get_body(self, model_name: str, version: str, body_digest: str) -> dict[str, Any] | None:
+        """The cached result for a request body's exact bytes (a hit counts; a miss does not).
+
+        A miss is followed by the canonical lookup, which counts it.
+        """
+        if not self._available():
+            return None
+        key = contract.body_key(model_name, version, body_digest)
+        try:
+            raw = self.client.get(key)
+        except (redis.RedisError, OSError) as exc:
+            self._failed("get", exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            found: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            log.warning("unreadable cache entry ignored", extra={"key": key})
+            return None
+        self.metrics.cache_hits.inc()
+        return found
+
+    def put_body(self, body_digest: str, result: dict[str, Any]) -> None:
+        """Also answer these exact body bytes with ``result`` (errors logged, never raised)."""
+        self._put([(contract.body_key, body_digest, result)])
+
     def get_many(
         self, model_name: str, version: str, digests: Sequence[str]
     ) -> list[dict[str, Any] | None]:
@@ -101,21 +127,34 @@ class PredictionCache:
         self.metrics.cache_misses.inc(len(found) - hits)
         return found
 
-    def put(self, digest: str, result: dict[str, Any]) -> None:
-        """Store a worker's result under the version that produced it (its ``model`` field)."""
-        self.put_many([(digest, result)])
+    def put(self, digest: str, result: dict[str, Any], body_digest: str | None = None) -> None:
+        """Store a worker's result under the version that produced it (its ``model`` field).
+
+        With ``body_digest`` the request body's exact bytes answer it too.
+        """
+        entries: list[tuple[Callable[[str, str, str], str], str, dict[str, Any]]] = [
+            (prediction_key, digest, result)
+        ]
+        if body_digest is not None:
+            entries.append((contract.body_key, body_digest, result))
+        self._put(entries)
 
     def put_many(self, entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Store several results in one round trip; errors are logged, never raised."""
+        self._put([(prediction_key, digest, result) for digest, result in entries])
+
+    def _put(
+        self, entries: Sequence[tuple[Callable[[str, str, str], str], str, dict[str, Any]]]
+    ) -> None:
         if not entries or not self._available():
             return
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for digest, result in entries:
+                for key_of, digest, result in entries:
                     model = result.get("model") or {}
                     if not model.get("name") or not model.get("version"):
                         continue
-                    key = prediction_key(str(model["name"]), str(model["version"]), digest)
+                    key = key_of(str(model["name"]), str(model["version"]), digest)
                     pipe.set(key, json.dumps(result, separators=(",", ":")), ex=self.ttl_s)
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:

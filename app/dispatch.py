@@ -1,10 +1,13 @@
 """Handing work to the Celery workers: claim-check payloads, tasks by name, waits, job records.
 
-The API never imports the worker code. It stores each decoded request in Redis
-under its digest (``heimdall:payload:{sha256}``) and sends only the key, sends
-``heimdall.predict`` / a chord of ``heimdall.predict_chunk`` + ``heimdall.collect_batch``
-by name, and records every job it dispatched (``heimdall:job:{task_id}``) so
-``GET /api/v1/jobs/<id>`` can tell an unknown id from a queued one.
+The API never imports the worker code. It stores each decoded request in the
+state Redis under a key of its own (``heimdall:payload:{sha256}:{nonce}``, deleted
+by the worker once the task is done, with a TTL for the orphans) and sends only
+the key, sends ``heimdall.predict`` / a chord of ``heimdall.predict_chunk`` +
+``heimdall.collect_batch`` by name, and records every job it dispatched
+(``heimdall:job:{task_id}``, a hash the worker completes with the outcome) so
+``GET /api/v1/jobs/<id>`` can tell an unknown id from a queued one and answer
+even when the result backend lost the result. Names and keys: heimdall/contract.py.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +27,13 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import KombuError
 
+from heimdall import contract
 from heimdall.config import Settings
+from heimdall.contract import CHUNK_TASK, COLLECT_TASK, PREDICT_TASK, job_key, new_job_id
 from heimdall.errors import ServiceUnavailable
 from heimdall.iq import DecodedRequest
 
 log = logging.getLogger("heimdall.api.dispatch")
-
-PREDICT_TASK = "heimdall.predict"
-CHUNK_TASK = "heimdall.predict_chunk"
-COLLECT_TASK = "heimdall.collect_batch"
 
 _BROKER_ERRORS: tuple[type[BaseException], ...] = (KombuError, redis.RedisError, OSError)
 """What publishing or waiting raises when Redis (broker or result backend) is down."""
@@ -42,21 +42,6 @@ _MAYBE_OUTAGE: tuple[type[BaseException], ...] = (*_BROKER_ERRORS, RuntimeError)
 """Caught around Celery calls, then sorted by :func:`is_redis_outage` (others re-raised)."""
 
 _RUNNING_STATES = frozenset({"STARTED", "RETRY"})
-
-
-def payload_key(digest: str) -> str:
-    """``heimdall:payload:{sha256}``: the claim-check key of a decoded request."""
-    return f"heimdall:payload:{digest}"
-
-
-def job_key(job_id: str) -> str:
-    """``heimdall:job:{task_id}``: the record of a dispatched job."""
-    return f"heimdall:job:{job_id}"
-
-
-def new_job_id() -> str:
-    """A fresh Celery task id."""
-    return str(uuid.uuid4())
 
 
 BACKEND_RETRY_POLICY = {
@@ -111,25 +96,43 @@ class Finished:
 
 @dataclass
 class JobRecord:
-    """What the API wrote when it dispatched a job."""
+    """A job as the API dispatched it, with the worker's outcome once there is one."""
 
     job_id: str
     kind: str
     created_at: float
     request_id: str | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    """Input digest of each dispatched item (``"0"`` for a single prediction)."""
+    outcome: Any = None
+    """What the task returned (item or batch document), None while not finished."""
+    finished_at: float | None = None
 
     @classmethod
-    def from_json(cls, job_id: str, raw: bytes | str) -> JobRecord:
-        """Parse the stored record."""
-        data = json.loads(raw)
+    def from_hash(cls, job_id: str, raw: dict[Any, Any]) -> JobRecord:
+        """Parse the stored hash (bytes or str fields)."""
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        outcome = data.get(contract.JOB_OUTCOME)
+        finished_at = data.get(contract.JOB_FINISHED_AT)
         return cls(
             job_id=job_id,
-            kind=str(data.get("kind", "predict")),
-            created_at=float(data.get("created_at", 0.0)),
-            request_id=data.get("request_id"),
-            extra={k: v for k, v in data.items() if k not in {"kind", "created_at", "request_id"}},
+            kind=data.get(contract.JOB_KIND, "predict"),
+            created_at=float(data.get(contract.JOB_CREATED_AT) or 0.0),
+            request_id=data.get(contract.JOB_REQUEST_ID) or None,
+            digests=json.loads(data.get(contract.JOB_DIGESTS) or "{}"),
+            outcome=json.loads(outcome) if outcome else None,
+            finished_at=float(finished_at) if finished_at else None,
         )
+
+    def finished(self) -> Finished | None:
+        """The outcome as a finished task, None while the worker has not recorded one."""
+        if self.outcome is None:
+            return None
+        return Finished(state="SUCCESS", value=self.outcome, date_done=self.finished_at)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Dispatcher:
@@ -147,12 +150,13 @@ class Dispatcher:
     ) -> list[dict[str, Any]]:
         """Job messages for ``requests``: claim-checked in Redis, inline base64 if that fails."""
         blobs = [r.to_bytes() for r in requests]
+        keys = [contract.payload_key(digest) for digest in digests]
         stored = False
         if blobs:
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
-                    for digest, blob in zip(digests, blobs, strict=True):
-                        pipe.set(payload_key(digest), blob, ex=self.settings.result_expires_s)
+                    for key, blob in zip(keys, blobs, strict=True):
+                        pipe.set(key, blob, ex=self.settings.payload_ttl_s)
                     pipe.execute()
                 stored = True
             except (redis.RedisError, OSError) as exc:
@@ -161,9 +165,9 @@ class Dispatcher:
                     extra={"request_id": request_id, "error": f"{type(exc).__name__}: {exc}"},
                 )
         jobs = []
-        for digest, blob in zip(digests, blobs, strict=True):
+        for key, blob in zip(keys, blobs, strict=True):
             if stored:
-                jobs.append({"payload_key": payload_key(digest), "payload_b64": None})
+                jobs.append({"payload_key": key, "payload_b64": None})
             else:
                 jobs.append({"payload_key": None, "payload_b64": base64.b64encode(blob).decode()})
             jobs[-1]["request_id"] = request_id
@@ -171,37 +175,112 @@ class Dispatcher:
 
     # -- job records ------------------------------------------------------------------------
 
-    def _record(self, job_id: str, kind: str, request_id: str, **extra: Any) -> None:
-        record = {"kind": kind, "created_at": time.time(), "request_id": request_id, **extra}
+    def _record(self, job_id: str, kind: str, request_id: str, digests: dict[str, str]) -> bool:
         try:
-            self.redis.set(job_key(job_id), json.dumps(record), ex=self.settings.result_expires_s)
+            with self.redis.pipeline(transaction=False) as pipe:
+                self._record_into(pipe, job_id, kind, request_id, digests)
+                pipe.execute()
         except (redis.RedisError, OSError) as exc:
-            # The job still runs and a sync caller still gets its answer; only a
-            # later poll has to fall back to the result backend.
+            # The job still runs and a sync caller still gets its answer; the
+            # record is tried again once the publish went through.
             log.warning(
                 "job record not written",
                 extra={"job_id": job_id, "error": f"{type(exc).__name__}: {exc}"},
             )
+            return False
+        return True
 
-    def _forget(self, job_id: str) -> None:
+    def _record_into(
+        self, pipe: Any, job_id: str, kind: str, request_id: str, digests: dict[str, str]
+    ) -> None:
+        pipe.hset(
+            job_key(job_id),
+            mapping={
+                contract.JOB_KIND: kind,
+                contract.JOB_CREATED_AT: repr(time.time()),
+                contract.JOB_REQUEST_ID: request_id,
+                contract.JOB_DIGESTS: json.dumps(digests),
+            },
+        )
+        pipe.expire(job_key(job_id), self.settings.result_expires_s)
+
+    def _forget(self, job_id: str, payload_keys: Sequence[str] = ()) -> None:
         with contextlib.suppress(redis.RedisError, OSError):
-            self.redis.delete(job_key(job_id))
+            self.redis.delete(job_key(job_id), *payload_keys)
 
     def job_record(self, job_id: str) -> JobRecord | None:
         """The record of a dispatched job; None when unknown (raises on Redis errors)."""
-        raw = self.redis.get(job_key(job_id))
-        if raw is None:
+        raw = self.redis.hgetall(job_key(job_id))
+        if not raw:
             return None
-        return JobRecord.from_json(job_id, raw)
+        return JobRecord.from_hash(job_id, raw)
+
+    def settle(self, job_id: str, inflight: tuple[str, str, str] | None = None) -> None:
+        """Shorten the life of a job whose answer the client already has (sync 200).
+
+        Its record and result stay pollable for ``answered_job_ttl_s``, not for
+        the hour a client holding only a job URL gets: at hundreds of requests a
+        second that difference is most of Redis's memory. ``inflight`` (model
+        name, version, digest) releases the input's in-flight marker.
+        """
+        ttl = self.settings.answered_job_ttl_s
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.expire(job_key(job_id), ttl)
+                if inflight is not None:
+                    pipe.delete(contract.inflight_key(*inflight))
+                pipe.execute()
+            backend = self.celery.backend
+            backend.client.expire(backend.get_key_for_task(job_id), ttl)
+        except (redis.RedisError, OSError, AttributeError) as exc:
+            log.warning(
+                "answered job not shortened (it expires later)",
+                extra={"job_id": job_id, "error": f"{type(exc).__name__}: {exc}"},
+            )
 
     # -- publishing -------------------------------------------------------------------------
 
-    def submit_predict(self, job: dict[str, Any], *, request_id: str, digest: str) -> str:
-        """Send ``heimdall.predict``; returns the job (task) id. 503 when the broker is down."""
+    def in_flight(self, model_name: str, version: str, digest: str) -> str | None:
+        """The id of a job already computing this input (another request's), or None."""
+        try:
+            current = self.redis.get(contract.inflight_key(model_name, version, digest))
+        except (redis.RedisError, OSError):
+            return None
+        return None if current is None else _text(current)
+
+    def submit_predict(
+        self,
+        job: dict[str, Any],
+        *,
+        request_id: str,
+        digest: str,
+        inflight: tuple[str, str, str] | None = None,
+    ) -> str:
+        """Send ``heimdall.predict``; returns the job (task) id. 503 when the broker is down.
+
+        With ``inflight`` (model name, version, digest) the published job is
+        marked as computing that input, for :meth:`in_flight` (set only once
+        the message is out, so no marker ever names a job that was not sent).
+        """
         job_id = new_job_id()
-        self._record(job_id, "predict", request_id, digest=digest)
-        with self._publishing(job_id):
+        recorded = self._record(job_id, "predict", request_id, {"0": digest})
+        with self._publishing(job_id, [job]):
             self.celery.send_task(PREDICT_TASK, args=[job], task_id=job_id)
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                if not recorded:
+                    # Redis came back while the publish retried: the job URL
+                    # handed out must know its job.
+                    self._record_into(pipe, job_id, "predict", request_id, {"0": digest})
+                if inflight is not None:
+                    ttl = int(self.settings.predict_timeout_s + self.settings.visibility_timeout_s)
+                    pipe.set(contract.inflight_key(*inflight), job_id, nx=True, ex=ttl)
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning(
+                "job record or in-flight marker not written",
+                extra={"job_id": job_id, "error": f"{type(exc).__name__}: {exc}"},
+            )
         return job_id
 
     def submit_batch(
@@ -218,8 +297,9 @@ class Dispatcher:
         is sent, so an async client still gets a job with the assembled document.
         """
         job_id = new_job_id()
-        self._record(job_id, "batch", request_id, digests={str(i): d for i, d in digests.items()})
-        with self._publishing(job_id):
+        by_index = {str(i): d for i, d in digests.items()}
+        recorded = self._record(job_id, "batch", request_id, by_index)
+        with self._publishing(job_id, [job for chunk in chunks for job in chunk]):
             if chunks:
                 header = group(
                     [self.celery.signature(CHUNK_TASK, args=[list(chunk)]) for chunk in chunks],
@@ -229,17 +309,19 @@ class Dispatcher:
                 chord(header, body, app=self.celery).apply_async(task_id=job_id)
             else:
                 self.celery.send_task(COLLECT_TASK, args=[[], meta], task_id=job_id)
+        if not recorded:
+            self._record(job_id, "batch", request_id, by_index)
         return job_id
 
     @contextlib.contextmanager
-    def _publishing(self, job_id: str) -> Iterator[None]:
-        """Publish inside this: a broker outage drops the job record and becomes a 503."""
+    def _publishing(self, job_id: str, jobs: Sequence[dict[str, Any]]) -> Iterator[None]:
+        """Publish inside this: a broker outage drops the job's record and payloads, then 503."""
         try:
             yield
         except _MAYBE_OUTAGE as exc:
             if not is_redis_outage(exc):
                 raise
-            self._forget(job_id)
+            self._forget(job_id, [j["payload_key"] for j in jobs if j.get("payload_key")])
             raise _broker_down(exc) from exc
 
     # -- waiting and state ------------------------------------------------------------------

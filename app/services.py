@@ -28,6 +28,9 @@ class Services:
 
     settings: Settings
     redis: Redis
+    """The state Redis: job records, payloads, worker heartbeats."""
+    cache_redis: Redis
+    """The prediction cache's Redis (may be another server, under maxmemory)."""
     broker_redis: Redis | None
     """Direct client of the broker (when it is Redis), for a fast readiness check."""
     celery: Celery
@@ -40,15 +43,17 @@ class Services:
     def build(cls, settings: Settings, metrics: ApiMetrics) -> Services:
         """Create the clients (no connection is opened until first use)."""
         client = make_redis(settings)
+        cache_client = make_redis(settings, settings.cache_url)
         celery = make_celery(settings)
         return cls(
             settings=settings,
             redis=client,
+            cache_redis=cache_client,
             broker_redis=make_redis(settings, settings.broker_url)
             if settings.broker_url.startswith(("redis://", "rediss://", "unix://"))
             else None,
             celery=celery,
-            cache=PredictionCache(client, settings, metrics),
+            cache=PredictionCache(cache_client, settings, metrics),
             dispatcher=Dispatcher(settings, celery, client),
             model=ServedModel(settings),
             metrics=metrics,

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Any
 
+from heimdall.contract import PAYLOAD_PREFIX
 from heimdall.errors import (
     FrequencyOutOfBand,
     HeimdallError,
@@ -34,7 +35,7 @@ from heimdall.modelcard import ModelCard
 if TYPE_CHECKING:  # onnxruntime is imported only where a session is built
     from heimdall.runtime import Localizer
 
-PAYLOAD_KEY_PREFIX = "heimdall:payload:"
+PAYLOAD_KEY_PREFIX = PAYLOAD_PREFIX
 
 Item = dict[str, Any]
 PayloadFetcher = Callable[[str], bytes | None]
@@ -47,6 +48,25 @@ class PayloadExpired(HeimdallError):
     status = 410
     type = "payload-expired"
     title = "Payload expired"
+
+
+class CrashedWorker(HeimdallError):
+    """The request made the worker process running it die, more than once."""
+
+    status = 422
+    type = "request-crashed-worker"
+    title = "Request crashed the worker"
+
+
+def payload_keys(job_list: Sequence[Any]) -> list[str]:
+    """The claim-check keys the jobs of one task refer to (to delete once it is done)."""
+    return [
+        key
+        for job in job_list
+        if isinstance(job, Mapping)
+        and isinstance(key := job.get("payload_key"), str)
+        and key.startswith(PAYLOAD_KEY_PREFIX)
+    ]
 
 
 def ok_item(result: dict[str, Any]) -> Item:

@@ -1,45 +1,149 @@
-"""The prediction tasks, sent by name by the API.
+"""The prediction tasks, sent by name by the API (names: heimdall/contract.py).
 
-Policy, the same for the three tasks: JSON in and out; ``acks_late`` because
-each is a pure function of its arguments (a redelivered message recomputes the
-same answer, so running it twice is harmless and losing it is not); a hard
-``time_limit`` from the settings with a soft limit first, so a stuck run still
-answers a problem; results stored, because the API (sync wait, job poll, chord)
-reads every one of them. Domain errors come back as problem items, never as
-exceptions; only unexpected faults raise.
+Policy, the same for the three tasks (declared once on :class:`PredictionTask`):
+JSON in and out; ``acks_late`` because each is a pure function of its
+arguments (a redelivered message recomputes the same answer, so running it
+twice is harmless and losing it is not); a hard ``time_limit`` from the
+settings with a soft limit first, so a stuck run still answers a problem;
+results stored, because the API (sync wait, job poll, chord) reads every one
+of them. Domain errors come back as problem items, never as exceptions; only
+unexpected faults raise.
+
+What the base class adds around every run, so nothing is lost and nothing
+piles up in Redis:
+
+* it counts the starts of each task; a redelivered task whose result was
+  already stored (its child died between storing and acknowledging) answers
+  that result, and one that started more than ``max_task_attempts`` times
+  (it killed its child each time) answers a 422 problem instead of being
+  requeued forever;
+* once the result is stored it deletes the task's claim-check payloads and
+  its start counter;
+* ``heimdall.predict`` and ``heimdall.collect_batch`` write their outcome into
+  the job record, so a job's answer does not live only in the result backend.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis
+from celery import Task, states
 from celery.exceptions import SoftTimeLimitExceeded
 
+from heimdall import contract
 from heimdall.config import get_settings
 from heimdall.errors import ServiceUnavailable
 from tasks import app, jobs, model
 
+log = logging.getLogger("heimdall.tasks")
+
 _settings = get_settings()
-_POLICY: dict[str, Any] = {
-    "acks_late": True,
-    "time_limit": _settings.task_time_limit_s,
-    "soft_time_limit": max(1.0, 0.8 * _settings.task_time_limit_s),
-    "serializer": "json",
-    "ignore_result": False,
-}
+
+
+PAYLOAD_PATIENCE_S = 0.5 * _settings.task_time_limit_s
+"""How long a task waits for the state Redis to come back before answering 503, seconds."""
 
 
 def _fetch_payload(key: str) -> bytes | None:
-    try:
-        blob = model.redis_client().get(key)
-    except redis.RedisError as exc:
-        raise ServiceUnavailable(f"cannot read the request payload from Redis: {exc}") from exc
-    return blob if isinstance(blob, bytes) else None
+    # A Redis restart takes seconds: wait it out (within the task's time
+    # budget) rather than fail a job that would succeed a moment later.
+    deadline = time.monotonic() + PAYLOAD_PATIENCE_S
+    while True:
+        try:
+            blob = model.redis_client().get(key)
+        except redis.RedisError as exc:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            raise ServiceUnavailable(f"cannot read the request payload from Redis: {exc}") from exc
+        return blob if isinstance(blob, bytes) else None
 
 
-def _answer(job_list: Sequence[Any]) -> list[jobs.Item]:
+class PredictionTask(Task):
+    """Base of the prediction tasks: their policy, attempt bound and clean-up."""
+
+    acks_late = True
+    time_limit = _settings.task_time_limit_s
+    soft_time_limit = max(1.0, 0.8 * _settings.task_time_limit_s)
+    serializer = "json"
+    ignore_result = False
+    job_kind: str | None = None
+    """Kind written into the job record with the outcome; None: the task has no record."""
+
+    def begin(self, n_items: int) -> list[jobs.Item] | Any | None:
+        """Count this start; the answer to give instead of running, or None to run.
+
+        Returns the result stored by an earlier run of the same task, or one
+        problem item per job when the task has started too often.
+        """
+        task_id = self.request.id
+        if not task_id:
+            return None
+        key = contract.attempts_key(task_id)
+        try:
+            client = model.redis_client()
+            with client.pipeline(transaction=False) as pipe:
+                pipe.incr(key)
+                pipe.expire(key, _settings.payload_ttl_s)
+                attempt = int(pipe.execute()[0])
+        except redis.RedisError as exc:
+            log.warning("attempt of %s not counted: %s", task_id, exc)
+            return None
+        if attempt == 1:
+            return None
+        meta = self.backend.get_task_meta(task_id)
+        if meta.get("status") == states.SUCCESS:
+            log.warning("task %s redelivered after it succeeded: answering its result", task_id)
+            return meta.get("result")
+        if attempt > _settings.max_task_attempts:
+            log.error("task %s started %d times (it kills its worker): refused", task_id, attempt)
+            crashed = jobs.CrashedWorker(
+                f"this request made the worker process running it die {attempt - 1} times; "
+                "it was not tried again (it has been logged)"
+            )
+            return [jobs.error_item(crashed) for _ in range(n_items)]
+        return None
+
+    def record_outcome(self, outcome: Any) -> None:
+        """Write the outcome into the job record (before the result backend has it)."""
+        if self.job_kind is None or not self.request.id:
+            return
+        key = contract.job_key(self.request.id)
+        try:
+            with model.redis_client().pipeline(transaction=False) as pipe:
+                pipe.hset(
+                    key,
+                    mapping={
+                        contract.JOB_KIND: self.job_kind,
+                        contract.JOB_OUTCOME: json.dumps(outcome, separators=(",", ":")),
+                        contract.JOB_FINISHED_AT: repr(time.time()),
+                    },
+                )
+                # Never lengthen a record the API already shortened (sync answers).
+                pipe.expire(key, _settings.result_expires_s, nx=True)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("outcome of %s not written to its job record: %s", self.request.id, exc)
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, *rest: Any) -> None:
+        """Once the result is stored: delete the payloads and the start counter."""
+        first = args[0] if args else None
+        job_list = first if isinstance(first, list) else [first]
+        keys = [*jobs.payload_keys(job_list), contract.attempts_key(task_id)]
+        with contextlib.suppress(redis.RedisError):
+            model.redis_client().delete(*keys)
+
+
+def _answer(task: PredictionTask, job_list: Sequence[Any]) -> list[jobs.Item]:
+    instead = task.begin(len(job_list))
+    if instead is not None:
+        return list(instead) if isinstance(instead, list) else [instead]
     try:
         return jobs.predict_jobs(
             job_list,
@@ -49,29 +153,43 @@ def _answer(job_list: Sequence[Any]) -> list[jobs.Item]:
         )
     except SoftTimeLimitExceeded:
         late = ServiceUnavailable(
-            f"prediction exceeded its time limit ({_POLICY['soft_time_limit']:g} s)"
+            f"prediction exceeded its time limit ({task.soft_time_limit:g} s)"
         )
         return [jobs.error_item(late) for _ in job_list]
 
 
-@app.task(name="heimdall.predict", **_POLICY)
-def predict(job: dict[str, Any]) -> jobs.Item:
+class _PredictTask(PredictionTask):
+    job_kind = "predict"
+
+
+class _CollectTask(PredictionTask):
+    job_kind = "batch"
+
+
+@app.task(name=contract.PREDICT_TASK, base=_PredictTask, bind=True)
+def predict(self: PredictionTask, job: dict[str, Any]) -> jobs.Item:
     """Localize one request: ``{"status": "ok", "result"}`` or ``{"status": "error", ...}``."""
-    return _answer([job])[0]
+    item = _answer(self, [job])[0]
+    self.record_outcome(item)
+    return item
 
 
-@app.task(name="heimdall.predict_chunk", **_POLICY)
-def predict_chunk(job_list: list[dict[str, Any]]) -> list[jobs.Item]:
+@app.task(name=contract.CHUNK_TASK, base=PredictionTask, bind=True)
+def predict_chunk(self: PredictionTask, job_list: list[dict[str, Any]]) -> list[jobs.Item]:
     """Localize several requests in one ONNX run; one answer per job, in order."""
     if not isinstance(job_list, list):
         job_list = [job_list]
-    return _answer(job_list)
+    return _answer(self, job_list)
 
 
-@app.task(name="heimdall.collect_batch", **_POLICY)
-def collect_batch(chunk_results: list[list[jobs.Item]], meta: dict[str, Any]) -> dict[str, Any]:
+@app.task(name=contract.COLLECT_TASK, base=_CollectTask, bind=True)
+def collect_batch(
+    self: PredictionTask, chunk_results: list[list[jobs.Item]], meta: dict[str, Any]
+) -> dict[str, Any]:
     """Chord callback: the batch document, every item back in request order.
 
     See :func:`tasks.jobs.assemble_batch` for ``meta`` and the document.
     """
-    return jobs.assemble_batch(chunk_results, meta)
+    document = jobs.assemble_batch(chunk_results, meta)
+    self.record_outcome(document)
+    return document

@@ -48,9 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 WORKER_READY_TIMEOUT_S = 60.0
 
-# Databases of the private Redis: queues, results and the cache/claim-check are
-# kept apart so a test can flush one without breaking the others.
-BROKER_DB, RESULTS_DB, CACHE_DB = 0, 1, 2
+# Databases of the private Redis: queues, results, state (jobs, payloads,
+# heartbeats) and the prediction cache are kept apart so a test can flush one
+# without breaking the others.
+BROKER_DB, RESULTS_DB, STATE_DB, CACHE_DB = 0, 1, 2, 6
 # A second, isolated service (e.g. a worker with an empty registry) uses these.
 ALT_BROKER_DB, ALT_RESULTS_DB, ALT_CACHE_DB = 3, 4, 5
 
@@ -194,9 +195,11 @@ def service_env(
     var_dir = tmp_path_factory.mktemp("var")
     overrides = {
         "HEIMDALL_VAR_DIR": str(var_dir),
+        "HEIMDALL_ENV_FILE": "",
         "CELERY_BROKER_URL": redis_server.url_for(BROKER_DB),
         "CELERY_RESULT_BACKEND": redis_server.url_for(RESULTS_DB),
-        "HEIMDALL_REDIS_URL": redis_server.url_for(CACHE_DB),
+        "HEIMDALL_REDIS_URL": redis_server.url_for(STATE_DB),
+        "HEIMDALL_CACHE_REDIS_URL": redis_server.url_for(CACHE_DB),
         "HEIMDALL_PREDICT_TIMEOUT_S": "3",
         "HEIMDALL_TASK_TIME_LIMIT_S": "30",
         "HEIMDALL_MODEL_REFRESH_S": "1",
