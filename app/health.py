@@ -1,34 +1,41 @@
 """Liveness (``/health``) and readiness (``/ready``) probes.
 
 ``/health`` says only that the process answers HTTP. ``/ready`` says the
-service can answer a prediction now: Redis answers, the API resolves a model,
-and at least one worker child reports a loaded model to the
-``heimdall_model_status`` broadcast.
+service can answer a prediction now: the state Redis and the broker answer,
+the API resolves a model, and at least one worker process has a model loaded
+and a fresh heartbeat. It reads the heartbeat records the pool children
+rewrite every few seconds (``heimdall:workers:*``, see tasks/model.py): no
+broadcast on the probe path, so a probe costs a few Redis round trips whatever
+the workers are doing, and its answer is kept for a second so a storm of
+probes costs no more than one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
 import redis
 from flask import Blueprint, Response, jsonify
-from kombu.exceptions import KombuError
 
 from app.errors import problem_response
-from app.services import services
+from app.services import Services, services
+from heimdall import contract
 from heimdall.errors import HeimdallError
 
 log = logging.getLogger("heimdall.api.health")
 
 bp = Blueprint("health", __name__)
 
-MODEL_STATUS_COMMAND = "heimdall_model_status"
-WORKERS_KEY_PREFIX = "heimdall:workers:"
-ANNOUNCE_FRESH_S = 30.0
-"""Children refresh their record every 10 s; older than this, they are gone."""
+READY_MEMO_S = 1.0
+"""How long one readiness verdict is reused, seconds."""
+
+_memo_lock = threading.Lock()
+_memo: dict[int, tuple[float, int, dict[str, Any]]] = {}
+"""id(services) -> (monotonic time, status, body) of the last verdict."""
 
 
 @bp.get("/health")
@@ -39,17 +46,42 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> Response:
-    """200 when Redis, the model and a loaded worker child are there; 503 problem otherwise."""
+    """200 when Redis, the broker, the model and a live loaded worker are there; 503 otherwise."""
     svc = services()
+    now = time.monotonic()
+    with _memo_lock:
+        memo = _memo.get(id(svc))
+    if memo is None or now - memo[0] > READY_MEMO_S:
+        status, body = readiness(svc)
+        with _memo_lock:
+            _memo[id(svc)] = (time.monotonic(), status, body)
+    else:
+        _, status, body = memo
+    if status != 200:
+        return problem_response(body)
+    return jsonify(body)
+
+
+def readiness(svc: Services) -> tuple[int, dict[str, Any]]:
+    """The readiness verdict: (200, body) or (503, problem document)."""
     checks: dict[str, Any] = {}
     problems: list[str] = []
-
+    workers: list[dict[str, Any]] = []
     try:
         svc.redis.ping()
         checks["redis"] = "ok"
+        workers = live_workers(svc.redis, svc.settings.heartbeat_timeout_s)
     except (redis.RedisError, OSError) as exc:
         checks["redis"] = f"error: {type(exc).__name__}: {exc}"
-        problems.append("Redis (cache, payloads) does not answer")
+        problems.append("the state Redis (jobs, payloads, heartbeats) does not answer")
+
+    if svc.broker_redis is not None:
+        try:
+            svc.broker_redis.ping()
+            checks["broker"] = "ok"
+        except (redis.RedisError, OSError) as exc:
+            checks["broker"] = f"error: {type(exc).__name__}: {exc}"
+            problems.append("the task broker does not answer")
 
     try:
         checks["model"] = svc.model.current().identity.to_dict()
@@ -57,40 +89,15 @@ def ready() -> Response:
         checks["model"] = None
         problems.append(exc.detail)
 
-    workers: list[dict[str, Any]] = []
-    replies: list[dict[str, Any]] = []
-    try:
-        # A direct PING fails in milliseconds; a broadcast to a dead broker retries for seconds.
-        if svc.broker_redis is not None:
-            svc.broker_redis.ping()
-        # Waiting out the whole timeout for replies (no `limit`) makes kombu's
-        # Redis pidbox lose the reply to the next broadcast about one time in
-        # three, so /ready flapped. The workers' children announce themselves
-        # in Redis: expect that many hosts, and return as soon as they answered.
-        expected = _announced_workers(svc.redis)
-        replies = svc.celery.control.broadcast(
-            MODEL_STATUS_COMMAND,
-            reply=True,
-            timeout=svc.settings.ready_timeout_s,
-            limit=len(expected) or None,
-        )
-        checks["broker"] = "ok"
-    except (KombuError, redis.RedisError, OSError) as exc:
-        checks["broker"] = f"error: {type(exc).__name__}: {exc}"
-        problems.append("the task broker does not answer")
-    for reply in replies or []:
-        for hostname, status in reply.items():
-            workers.append(_worker_entry(hostname, status))
-
     loaded = [c for w in workers for c in w["children"] if c.get("state") == "loaded"]
     versions = sorted(
         {str(c["model"]["version"]) for c in loaded if isinstance(c.get("model"), dict)}
     )
-    if not loaded and checks.get("broker") == "ok":
+    if not loaded and checks.get("redis") == "ok":
         problems.append(
-            "no worker child has a model loaded"
+            "no worker process has a model loaded"
             if workers
-            else "no worker answered the model-status broadcast"
+            else f"no worker heartbeat in the last {svc.settings.heartbeat_timeout_s:g} s"
         )
     body = {
         **checks,
@@ -100,51 +107,49 @@ def ready() -> Response:
     }
     if problems:
         log.warning("not ready", extra={"reasons": "; ".join(problems)})
-        return problem_response(
-            {
-                "type": "urn:heimdall:problem:service-unavailable",
-                "title": "Service unavailable",
-                "status": 503,
-                "detail": "; ".join(problems),
-                **body,
-            }
-        )
-    return jsonify({"status": "ready", **body})
+        return 503, {
+            "type": "urn:heimdall:problem:service-unavailable",
+            "title": "Service unavailable",
+            "status": 503,
+            "detail": "; ".join(problems),
+            **body,
+        }
+    return 200, {"status": "ready", **body}
 
 
-def _announced_workers(client: redis.Redis) -> set[str]:
-    """Hostnames of workers whose pool children announced themselves recently.
+def live_workers(client: redis.Redis, timeout_s: float) -> list[dict[str, Any]]:
+    """Workers with at least one process whose heartbeat is younger than ``timeout_s``.
 
-    Each child writes ``heimdall:workers:{hostname}`` field ``{pid}`` with the
-    time ``at`` every few seconds (see tasks/model.py) and removes it on exit;
-    a record older than ANNOUNCE_FRESH_S is a worker that died without saying so.
+    Each entry: ``{"hostname", "children": [{"pid", "state", "model", "error",
+    "source", "age_s"}]}`` listing only the live processes. Raises on Redis errors.
     """
     now = time.time()
-    hosts = set()
-    try:
-        for key in client.scan_iter(match=WORKERS_KEY_PREFIX + "*", count=100):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            for raw in client.hvals(name):
-                try:
-                    at = float(json.loads(raw).get("at", 0.0))
-                except (ValueError, TypeError, AttributeError):
-                    continue
-                if now - at < ANNOUNCE_FRESH_S:
-                    hosts.add(name.removeprefix(WORKERS_KEY_PREFIX))
-                    break
-    except (redis.RedisError, OSError):
-        return set()
-    return hosts
-
-
-def _worker_entry(hostname: str, status: Any) -> dict[str, Any]:
-    """One worker's reply, normalized (a worker without the command replies with an error)."""
-    if not isinstance(status, dict):
-        return {"hostname": hostname, "model": None, "error": repr(status), "children": []}
-    children = [c for c in status.get("children") or [] if isinstance(c, dict)]
-    return {
-        "hostname": status.get("hostname", hostname),
-        "model": status.get("model"),
-        "error": status.get("error"),
-        "children": children,
-    }
+    workers: list[dict[str, Any]] = []
+    for key in client.scan_iter(match=contract.WORKERS_PREFIX + "*", count=100):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        children = []
+        for pid, raw in client.hgetall(name).items():
+            try:
+                record = json.loads(raw)
+                age = now - float(record.get("at", 0.0))
+            except (ValueError, TypeError, AttributeError):
+                continue
+            if age > timeout_s:
+                continue
+            children.append(
+                {
+                    "pid": int(pid),
+                    "state": record.get("state"),
+                    "model": record.get("model"),
+                    "error": record.get("error"),
+                    "source": record.get("source"),
+                    "age_s": round(max(age, 0.0), 3),
+                }
+            )
+        if children:
+            children.sort(key=lambda c: c["pid"])
+            workers.append(
+                {"hostname": name.removeprefix(contract.WORKERS_PREFIX), "children": children}
+            )
+    workers.sort(key=lambda w: str(w["hostname"]))
+    return workers
