@@ -205,14 +205,68 @@ def resolve_version(settings: Settings, alias: str | None = None) -> ModelIdenti
 
 
 def resolve(settings: Settings, alias: str | None = None) -> ResolvedModel:
-    """Resolve ``name@alias``, download that version once, and check its card."""
+    """Resolve ``name@alias``, download that version once, and check its card.
+
+    The version is remembered as the alias's last verified one on this disk
+    (see :func:`last_verified`).
+    """
     identity = resolve_version(settings, alias)
-    target = settings.var_dir.resolve() / "models" / identity.name / identity.version
+    target = _version_dir(settings, identity.version)
     if not (target / MODEL_FILENAME).is_file():
         _download(settings, identity, target)
-    card = ModelCard.load(target / CARD_FILENAME)
-    card.check_model(target / MODEL_FILENAME)
-    return ResolvedModel(identity, target / MODEL_FILENAME, card)
+    resolved = _local(identity, target)
+    _remember_verified(settings, identity)
+    return resolved
+
+
+def last_verified(settings: Settings, alias: str | None = None) -> ResolvedModel:
+    """The version of ``name@alias`` that this disk last resolved and verified.
+
+    For a worker that cannot reach the registry: the files are checked again
+    (card consistent, ONNX digest) before anything serves them. Raises
+    :class:`ModelUnavailable` when there is none.
+    """
+    alias = alias or settings.model_alias
+    index = _verified_index(settings)
+    try:
+        version = str(json.loads(index.read_text())[alias])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelUnavailable(
+            f"no locally verified version of {settings.model_name}@{alias} in {index.parent}"
+        ) from exc
+    identity = ModelIdentity(settings.model_name, version, alias)
+    return _local(identity, _version_dir(settings, version))
+
+
+def _version_dir(settings: Settings, version: str) -> Path:
+    return settings.var_dir.resolve() / "models" / settings.model_name / version
+
+
+def _verified_index(settings: Settings) -> Path:
+    return settings.var_dir.resolve() / "models" / settings.model_name / "verified.json"
+
+
+def _local(identity: ModelIdentity, folder: Path) -> ResolvedModel:
+    card = ModelCard.load(folder / CARD_FILENAME)
+    card.check_model(folder / MODEL_FILENAME)
+    return ResolvedModel(identity, folder / MODEL_FILENAME, card)
+
+
+def _remember_verified(settings: Settings, identity: ModelIdentity) -> None:
+    index = _verified_index(settings)
+    try:
+        known = json.loads(index.read_text()) if index.is_file() else {}
+    except ValueError:
+        known = {}
+    if known.get(identity.alias) == identity.version:
+        return
+    known[identity.alias] = identity.version
+    staging = index.with_name(f".{index.name}.{os.getpid()}")
+    try:
+        staging.write_text(json.dumps(known, sort_keys=True))
+        os.replace(staging, index)  # atomic: readers never see half a file
+    except OSError as exc:
+        log.warning("cannot remember the verified version in %s: %s", index, exc)
 
 
 def _download(settings: Settings, identity: ModelIdentity, target: Path) -> None:

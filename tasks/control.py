@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from typing import Any
 
 from celery.worker.control import control_command, inspect_command
 
-from heimdall import registry
+from heimdall import contract, registry
 from heimdall.config import get_settings
 from heimdall.errors import ModelUnavailable
+from heimdall.modelcard import CARD_FILENAME
+from heimdall.registry import ResolvedModel
 from tasks import model
+
+SMOKE_TIMEOUT_S = 120.0
+"""Longest a candidate model may take to load and answer one request, seconds."""
 
 log = logging.getLogger("heimdall.worker")
 
@@ -53,7 +60,34 @@ def _restart_pool(state: Any) -> None:
         pool.grow(idle)
 
 
-@inspect_command()
+def smoke_check(resolved: ResolvedModel) -> None:
+    """Load ``resolved`` and answer one request in a subprocess; ModelUnavailable if it cannot.
+
+    Not in this process: it forks the pool children, and an onnxruntime session
+    must not exist before a fork.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "heimdall.smoke",
+        str(resolved.onnx_path),
+        str(resolved.onnx_path.parent / CARD_FILENAME),
+    ]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise ModelUnavailable(
+            f"version {resolved.identity.version} did not answer a test request within "
+            f"{SMOKE_TIMEOUT_S:g} s; refused"
+        ) from exc
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
+        raise ModelUnavailable(
+            f"version {resolved.identity.version} cannot serve ({reason}); refused"
+        )
+
+
+@inspect_command(name=contract.MODEL_STATUS_COMMAND)
 def heimdall_model_status(state: Any, **kwargs: Any) -> dict[str, Any]:
     """Model of this worker and the load state of each pool child.
 
@@ -63,10 +97,12 @@ def heimdall_model_status(state: Any, **kwargs: Any) -> dict[str, Any]:
     return model.status(state.hostname, _pool_pids(state))
 
 
-@control_command(args=[("alias", str)], signature="[alias]")
+@control_command(name=contract.RELOAD_COMMAND, args=[("alias", str)], signature="[alias]")
 def heimdall_reload_model(state: Any, alias: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Re-resolve ``name@alias`` (default: the configured alias) and restart the pool on it.
 
+    The candidate is resolved, its card checked, and it must load and answer a
+    test request (:func:`smoke_check`) before the pool restarts on it.
     Reply: ``{"ok": bool, "hostname", "model": identity in force, "error": str|None}``.
     On error nothing changes: the current model keeps serving.
     """
@@ -80,8 +116,10 @@ def heimdall_reload_model(state: Any, alias: str | None = None, **kwargs: Any) -
             "error": "worker_pool_restarts is disabled; cannot swap the model",
         }
     try:
-        resolved = model.resolve_main(settings, alias)
+        resolved = registry.resolve(settings, alias)
+        smoke_check(resolved)
     except Exception as exc:
+        model.refuse(exc)
         log.error(
             "reload of %s@%s failed, the current model keeps serving: %s",
             settings.model_name,
@@ -95,6 +133,7 @@ def heimdall_reload_model(state: Any, alias: str | None = None, **kwargs: Any) -
             "model": model.main_identity(),
             "error": model.main_error(),
         }
+    model.adopt(resolved)
     log.info("reloading pool children on %s", registry.dumps(registry.model_summary(resolved)))
     _restart_pool(state)
     return {"ok": True, "hostname": hostname, "model": resolved.identity.to_dict(), "error": None}

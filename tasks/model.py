@@ -7,11 +7,17 @@ Two kinds of process hold model state:
   and the version downloaded there, once, before the pool forks, so children
   inherit the :class:`~heimdall.registry.ResolvedModel` and start fast. It
   never creates an onnxruntime session (sessions must not cross a fork).
+  When the registry cannot be reached at start, it serves the version this
+  disk last resolved and verified (:func:`heimdall.registry.last_verified`),
+  says so in every heartbeat and log line, and retries the registry in the
+  background; once it answers, the worker reloads itself from it.
 * each **pool child** builds its own :class:`~heimdall.runtime.Localizer` in
-  ``worker_process_init`` and records whether it could in Redis, under
-  ``heimdall:workers:{hostname}`` field ``{pid}``; the main process answers
-  ``heimdall_model_status`` from that hash. A child that cannot load keeps
-  running and answers every task with a 503 ``model-unavailable`` problem.
+  ``worker_process_init`` and keeps a heartbeat record in Redis, under
+  ``heimdall:workers:{hostname}`` field ``{pid}``, rewritten every
+  ``heartbeat_interval_s`` with its state and time; ``/ready`` reads those
+  records (no broadcast on the probe path) and the main process answers
+  ``heimdall_model_status`` from them. A child that cannot load keeps running
+  and answers every task with a 503 ``model-unavailable`` problem.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import signals
 
-from heimdall import registry
+from heimdall import contract, registry
 from heimdall.config import Settings, get_settings
 from heimdall.errors import HeimdallError, ModelUnavailable
 from heimdall.registry import ResolvedModel
@@ -43,13 +49,10 @@ LOADED = "loaded"
 FAILED = "failed"
 STARTING = "starting"
 
-READINESS_REFRESH_S = 10.0
-"""How often a child rewrites its readiness record, seconds."""
+REGISTRY = "registry"
+LOCAL_FALLBACK = "local-fallback"
 
-
-def workers_key(hostname: str) -> str:
-    """Redis hash holding the readiness of each pool child of worker ``hostname``."""
-    return f"heimdall:workers:{hostname}"
+workers_key = contract.workers_key
 
 
 @dataclass
@@ -57,6 +60,8 @@ class _MainState:
     resolved: ResolvedModel | None = None
     error: str | None = None
     """Why the last resolution failed (None after a success)."""
+    source: str = REGISTRY
+    """Where the model in force came from: the registry, or this disk's last verified copy."""
 
 
 @dataclass
@@ -64,9 +69,12 @@ class _ChildState:
     hostname: str | None = None
     localizer: Localizer | None = None
     error: str | None = None
+    source: str = REGISTRY
     reported: bool = False
-    at: float = 0.0
+    loaded_at: float = 0.0
     """When this child finished trying to load its model, epoch seconds."""
+    parent: int = 0
+    """The main process this child was forked from (a heartbeat stops when it is gone)."""
 
 
 _main = _MainState()
@@ -108,8 +116,42 @@ def resolve_main(settings: Settings, alias: str | None = None) -> ResolvedModel:
     except Exception as exc:
         _main.error = _describe(exc)
         raise
-    _main.resolved, _main.error = resolved, None
+    adopt(resolved)
     return resolved
+
+
+def refuse(exc: BaseException) -> None:
+    """Record why a candidate model was refused (the model in force stays)."""
+    _main.error = _describe(exc)
+
+
+def adopt(resolved: ResolvedModel) -> None:
+    """Make ``resolved`` (from the registry) the model new children load."""
+    _main.resolved, _main.error, _main.source = resolved, None, REGISTRY
+
+
+def fall_back_main(settings: Settings) -> ResolvedModel | None:
+    """Serve this disk's last verified version when the registry could not be read.
+
+    Keeps the resolution error (so status and logs say why) and marks the
+    source; returns None when there is no verified copy either.
+    """
+    try:
+        resolved = registry.last_verified(settings)
+    except Exception as exc:
+        _main_startup_warnings.append(f"no local fallback model: {_describe(exc)}")
+        return None
+    _main.resolved, _main.source = resolved, LOCAL_FALLBACK
+    _main.error = (
+        f"registry unreachable ({_main.error}); serving the last locally verified "
+        f"version {resolved.identity.version}"
+    )
+    return resolved
+
+
+def main_source() -> str:
+    """Where the model in force came from (``registry`` or ``local-fallback``)."""
+    return _main.source
 
 
 def main_identity() -> dict[str, Any] | None:
@@ -131,6 +173,7 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     except Exception as exc:
         # Logged in _on_after_setup: logging is not configured yet here.
         _main_startup_failure.append(exc)
+        fall_back_main(settings)
     hostname = getattr(sender, "hostname", None)
     if hostname:
         try:
@@ -146,7 +189,22 @@ def _on_after_setup(sender: Any = None, **kwargs: Any) -> None:
     settings = get_settings()
     for warning in _main_startup_warnings:
         log.warning(warning)
-    if _main.resolved is not None:
+    if _main.resolved is not None and _main.source == LOCAL_FALLBACK:
+        summary = registry.model_summary(_main.resolved)
+        log.error(
+            "REGISTRY UNREACHABLE: serving the last locally verified model %s; %s. "
+            "Retrying the registry every %.0f s.",
+            registry.dumps(summary),
+            _main.error,
+            settings.registry_retry_s,
+        )
+        threading.Thread(
+            target=_retry_registry,
+            args=(settings, getattr(sender, "hostname", None) or str(sender)),
+            name="heimdall-registry-retry",
+            daemon=True,
+        ).start()
+    elif _main.resolved is not None:
         summary = registry.model_summary(_main.resolved)
         log.info("model resolved for %s: %s", settings.model_uri, registry.dumps(summary))
     else:
@@ -161,6 +219,34 @@ def _on_after_setup(sender: Any = None, **kwargs: Any) -> None:
         )
 
 
+def _retry_registry(settings: Settings, hostname: str) -> None:
+    """Until the registry answers, ask it again; then reload this worker from it.
+
+    Runs in a thread of the main process. The reload itself is the control
+    command (it restarts the pool in the consumer's thread), sent to this
+    worker only.
+    """
+    from tasks import app
+
+    while _main.source == LOCAL_FALLBACK:
+        time.sleep(settings.registry_retry_s)
+        try:
+            identity = registry.resolve_version(settings)
+        except Exception as exc:
+            log.warning("registry still unreachable, serving the local fallback: %s", exc)
+            continue
+        log.info("registry answers again (%s): reloading from it", registry.dumps(identity))
+        try:
+            replies = app.control.broadcast(
+                contract.RELOAD_COMMAND, destination=[hostname], reply=True, timeout=30, limit=1
+            )
+        except Exception as exc:
+            log.warning("cannot ask this worker to reload: %s", exc)
+            continue
+        if any(r.get(hostname, {}).get("ok") for r in replies or [] if isinstance(r, dict)):
+            return
+
+
 # -- pool children ------------------------------------------------------------
 
 
@@ -171,18 +257,26 @@ def _on_process_init(sender: Any = None, **kwargs: Any) -> None:
     _redis = None  # a connection must not be shared with the parent
     _child.hostname = str(sender) if sender else None
     _child.localizer, _child.error, _child.reported = None, None, False
-    load_child(get_settings())
-    _child.at = time.time()
+    _child.parent = os.getppid()
+    settings = get_settings()
+    load_child(settings)
+    _child.loaded_at = time.time()
     report_readiness()
-    threading.Thread(target=_refresh_readiness, name="heimdall-readiness", daemon=True).start()
+    threading.Thread(
+        target=_heartbeat,
+        args=(settings.heartbeat_interval_s,),
+        name="heimdall-heartbeat",
+        daemon=True,
+    ).start()
 
 
-def _refresh_readiness() -> None:
-    # Rewrite the record now and then: a Redis that restarted empty (or was
-    # down when this child started) learns it again without waiting for a task,
-    # so /ready does not stay false on an idle, healthy worker.
-    while True:
-        time.sleep(READINESS_REFRESH_S)
+def _heartbeat(interval_s: float) -> None:
+    # The record's time is what /ready trusts: rewritten every few seconds it
+    # says "this process is alive now", whether or not it gets tasks. A child
+    # whose main process died stops beating, so readiness drops within
+    # heartbeat_timeout_s even if the orphan lingers.
+    while os.getppid() == _child.parent:
+        time.sleep(interval_s)
         report_readiness(force=True)
 
 
@@ -199,8 +293,10 @@ def load_child(settings: Settings) -> None:
         _child.error = _child.error or (
             f"no model: {settings.model_uri} could not be resolved ({_main.error})"
         )
+        _child.source = _main.source
         log.error("pid %d has no model, tasks answer 503: %s", os.getpid(), _child.error)
         return
+    _child.source = _main.source
     started = time.perf_counter()
     try:
         from heimdall.runtime import Localizer
@@ -232,21 +328,30 @@ def load_child(settings: Settings) -> None:
 
 
 def report_readiness(*, force: bool = False) -> None:
-    """Write this child's state to ``heimdall:workers:{hostname}`` field ``{pid}``.
+    """Write this child's heartbeat to ``heimdall:workers:{hostname}`` field ``{pid}``.
 
-    Without ``force`` only when the last attempt failed (cheap to call per task).
+    ``{"state", "model", "error", "source", "loaded_at", "at"}`` with ``at`` the
+    time of writing. Without ``force`` only when the last attempt failed (cheap
+    to call per task). The hash expires unless some child keeps beating.
     """
     if _child.hostname is None or (_child.reported and not force):
         return
+    settings = get_settings()
     loc = _child.localizer
     record = {
         "state": LOADED if loc is not None else FAILED,
         "model": loc.identity.to_dict() if loc is not None else None,
-        "error": None if loc is not None else _child.error,
-        "at": _child.at,
+        "error": _main.error if loc is not None and _child.source != REGISTRY else _child.error,
+        "source": _child.source,
+        "loaded_at": _child.loaded_at,
+        "at": time.time(),
     }
+    key = workers_key(_child.hostname)
     try:
-        redis_client().hset(workers_key(_child.hostname), str(os.getpid()), json.dumps(record))
+        with redis_client().pipeline(transaction=False) as pipe:
+            pipe.hset(key, str(os.getpid()), json.dumps(record))
+            pipe.expire(key, max(1, int(settings.heartbeat_timeout_s * 3)))
+            pipe.execute()
     except redis.RedisError as exc:
         if _child.reported or not force:  # warn once per outage, not every refresh
             log.warning("pid %d cannot record readiness in Redis: %s", os.getpid(), exc)
@@ -302,6 +407,8 @@ def status(hostname: str, pids: list[int]) -> dict[str, Any]:
                     "state": record.get("state"),
                     "model": record.get("model"),
                     "error": record.get("error"),
+                    "source": record.get("source"),
+                    "loaded_at": record.get("loaded_at"),
                     "at": record.get("at"),
                 }
             )
@@ -310,6 +417,7 @@ def status(hostname: str, pids: list[int]) -> dict[str, Any]:
     return {
         "hostname": hostname,
         "model": main_identity(),
+        "source": _main.source,
         "error": error,
         "children": children,
     }
