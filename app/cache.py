@@ -28,12 +28,15 @@ BACKOFF_S = 1.0
 """After a Redis error the cache is skipped this long (seconds) before trying again."""
 
 
-def make_redis(settings: Settings, url: str | None = None) -> redis.Redis:
+def make_redis(
+    settings: Settings, url: str | None = None, timeout_s: float | None = None
+) -> redis.Redis:
     """Redis client (default: ``redis_url``: payloads, jobs, heartbeats) with short timeouts."""
+    timeout = timeout_s or settings.redis_socket_timeout_s
     return redis.Redis.from_url(
         url or settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_socket_timeout_s,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
         health_check_interval=30,
     )
 

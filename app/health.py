@@ -68,9 +68,9 @@ def readiness(svc: Services) -> tuple[int, dict[str, Any]]:
     problems: list[str] = []
     workers: list[dict[str, Any]] = []
     try:
-        svc.redis.ping()
+        svc.probe_redis.ping()
         checks["redis"] = "ok"
-        workers = live_workers(svc.redis, svc.settings.heartbeat_timeout_s)
+        workers = live_workers(svc.probe_redis, svc.settings.heartbeat_timeout_s)
     except (redis.RedisError, OSError) as exc:
         checks["redis"] = f"error: {type(exc).__name__}: {exc}"
         problems.append("the state Redis (jobs, payloads, heartbeats) does not answer")

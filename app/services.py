@@ -21,6 +21,10 @@ from heimdall.config import Settings
 
 EXTENSION = "heimdall"
 
+PROBE_TIMEOUT_S = 2.0
+"""Redis timeout of the readiness probe, seconds: a request's 0.25 s budget would call a
+Redis that is merely slow on a saturated machine "down" and flap readiness."""
+
 
 @dataclass(frozen=True)
 class Services:
@@ -31,8 +35,10 @@ class Services:
     """The state Redis: job records, payloads, worker heartbeats."""
     cache_redis: Redis
     """The prediction cache's Redis (may be another server, under maxmemory)."""
+    probe_redis: Redis
+    """The state Redis again, with the readiness probe's patience (a loaded machine is not down)."""
     broker_redis: Redis | None
-    """Direct client of the broker (when it is Redis), for a fast readiness check."""
+    """Direct client of the broker (when it is Redis), for the readiness probe."""
     celery: Celery
     cache: PredictionCache
     dispatcher: Dispatcher
@@ -49,7 +55,8 @@ class Services:
             settings=settings,
             redis=client,
             cache_redis=cache_client,
-            broker_redis=make_redis(settings, settings.broker_url)
+            probe_redis=make_redis(settings, timeout_s=PROBE_TIMEOUT_S),
+            broker_redis=make_redis(settings, settings.broker_url, timeout_s=PROBE_TIMEOUT_S)
             if settings.broker_url.startswith(("redis://", "rediss://", "unix://"))
             else None,
             celery=celery,
