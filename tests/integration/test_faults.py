@@ -255,13 +255,18 @@ def test_ready_tells_the_truth_on_a_busy_machine(
         time.sleep(0.5)
 
     # 15 s of probes while every core is busy: never a false 503.
-    statuses = []
+    refusals = []
+    probes = 0
     with busy_cores():
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            statuses.append(client.get("/ready").status_code)
+            response = client.get("/ready")
+            probes += 1
+            if response.status_code != 200:
+                refusals.append(response.get_json())
             time.sleep(0.2)
-    assert set(statuses) == {200}, statuses
+    assert probes > 10
+    assert refusals == []
 
     assert worker.proc is not None
     os.killpg(worker.proc.pid, signal.SIGKILL)

@@ -21,6 +21,7 @@ import redis
 from celery import Celery, chord
 from celery.result import AsyncResult
 
+from heimdall import contract
 from heimdall.config import Settings, get_settings
 from heimdall.iq import decode_request
 from heimdall.modelcard import CARD_FILENAME, ModelCard
@@ -40,7 +41,7 @@ def card() -> ModelCard:
 
 @pytest.fixture(scope="module")
 def cache(service_env: dict[str, str]) -> redis.Redis:
-    """Client of the cache Redis, where the API claim-checks payloads."""
+    """Client of the state Redis, where the API claim-checks payloads."""
     return redis.Redis.from_url(service_env["HEIMDALL_REDIS_URL"])
 
 
@@ -69,8 +70,9 @@ def make_job(
         if inline:
             job["payload_b64"] = base64.b64encode(blob).decode("ascii")
         else:
-            key = f"heimdall:payload:{decoded.digest()}"
-            cache.set(key, blob, ex=settings.result_expires_s)
+            # Each dispatch owns its payload (the task deletes it when done).
+            key = contract.payload_key(decoded.digest())
+            cache.set(key, blob, ex=settings.payload_ttl_s)
             job["payload_key"] = key
         return job
 
@@ -189,8 +191,10 @@ def test_predict_chunk_answers_each_item_in_order(
         timeout=RESULT_TIMEOUT_S
     )
     singles = [
-        celery_client.send_task("heimdall.predict", args=[j]).get(timeout=RESULT_TIMEOUT_S)
-        for j in jobs
+        celery_client.send_task("heimdall.predict", args=[make_job(s)]).get(
+            timeout=RESULT_TIMEOUT_S
+        )
+        for s in seeds
     ]
 
     assert [a["status"] for a in answers] == ["ok", "ok", "error", "ok", "ok"]
@@ -237,7 +241,8 @@ def test_chord_of_chunks_assembles_batch_in_request_order(
     assert document["cached"] == 1
     assert document["request_id"] == "req-batch"
     # Each computed item is the one for its own payload.
-    for i, job in jobs.items():
+    for i in jobs:
+        job = make_job(20 + i)  # the chunks' payloads were deleted once they were done
         single = celery_client.send_task("heimdall.predict", args=[job]).get(timeout=20)
         assert document["items"][i]["result"]["position"] == pytest.approx(
             single["result"]["position"], abs=1e-4
