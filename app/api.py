@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 import redis
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
 from app.dispatch import Finished, JobRecord, job_status
 from app.errors import RemoteProblem, WorkerFailure, problem_type_slug
@@ -62,6 +62,12 @@ def raw_body() -> bytes:
             f"send the body as application/json, not {mimetype or 'no content type'}"
         )
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    # A chunked body (no Content-Length) is cut at the limit by the reader;
+    # anything left means it was longer: refuse it, never answer a prefix.
+    chunked_at_limit = request.content_length is None and limit is not None and len(raw) >= limit
+    if chunked_at_limit and request.environ["wsgi.input"].read(1):
+        raise PayloadTooLarge(f"the request body is over the {limit}-byte limit")
     if not raw:
         raise InvalidRequest("the request body is empty; a JSON object is expected")
     return raw

@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(default=3_600, ge=0)
     """Time-to-live of cached predictions, seconds (0 disables the cache)."""
 
-    max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
-    """Largest request body accepted, bytes (413 above)."""
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    """Largest request body accepted, bytes (413 above; 7 stations x 65 536 samples
+    as [[I, Q]] pairs is about 13 MB, as base64 about 5 MB)."""
 
     max_batch_items: int = Field(default=256, ge=1)
     """Most items one batch request may carry (413 above)."""

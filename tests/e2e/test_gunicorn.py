@@ -7,6 +7,7 @@ multiprocess mode; the tests talk to it with ``requests`` only.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBLEM = "application/problem+json"
+MAX_BODY = 1_000_000
+"""The API's body limit in these tests (bytes): a valid request fits, a padded one does not."""
 START_TIMEOUT_S = 60.0
 MakeRequest = Callable[..., dict[str, Any]]
 
@@ -65,6 +68,7 @@ def gunicorn(
         **service_env,
         "HEIMDALL_API_BIND": f"127.0.0.1:{port}",
         "HEIMDALL_API_WORKERS": "2",
+        "HEIMDALL_MAX_REQUEST_BYTES": str(MAX_BODY),
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "PYTHONPATH": str(ROOT),
     }
@@ -193,6 +197,42 @@ def test_problems_over_http(gunicorn: Gunicorn, http: requests.Session) -> None:
             assert response.status_code == status
             assert response.headers["Content-Type"].startswith(PROBLEM)
             assert response.json()["status"] == status
+
+
+def test_bodies_over_the_limit_are_refused_even_chunked(
+    gunicorn: Gunicorn, request_factory: MakeRequest
+) -> None:
+    body = json.dumps(request_factory(5100)).encode()
+    padded = body[:-1] + b"," + b'"pad":"' + b"x" * MAX_BODY + b'"}'
+
+    def chunks(data: bytes) -> Iterator[bytes]:
+        for start in range(0, len(data), 65_536):
+            yield data[start : start + 65_536]
+
+    # Fresh connections: the server closes one whose body it refused to read.
+    sized = requests.post(
+        gunicorn.url("/api/v1/predict"),
+        data=padded,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    chunked = requests.post(
+        gunicorn.url("/api/v1/predict"),
+        data=chunks(padded),  # no Content-Length: Transfer-Encoding: chunked
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    fits = requests.post(
+        gunicorn.url("/api/v1/predict"),
+        data=chunks(body),
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+
+    for response in (sized, chunked):
+        assert response.status_code == 413, response.text[:500]
+        assert response.headers["Content-Type"].startswith(PROBLEM)
+    assert fits.status_code == 200, fits.text[:500]
 
 
 def test_metrics_over_http_are_multiprocess(
