@@ -202,7 +202,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     app.config_from_object("celeryconfig")
     arguments = {"alias": args.alias} if args.alias else {}
     replies = app.control.broadcast(
-        "heimdall_reload_model", arguments=arguments, reply=True, timeout=args.timeout
+        "heimdall_reload_model",
+        arguments=arguments,
+        reply=True,
+        timeout=args.timeout,
+        destination=args.destination or None,
+        limit=len(args.destination) if args.destination else None,
     )
     status, lines = reload_outcome(replies or [])
     if args.json:
@@ -269,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("reload", help="make running workers reload name@alias")
     p.add_argument("--alias", default=None)
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument(
+        "--destination",
+        action="append",
+        metavar="NODE",
+        help="reload only this worker (e.g. heimdall@host); repeat for several (default: all)",
+    )
     p.add_argument("--json", action="store_true", help="print the raw replies as JSON")
     p.set_defaults(func=cmd_reload)
 
