@@ -68,7 +68,7 @@ def test_every_kind_of_response_carries_the_security_headers(
         "bad json": client.post(
             "/api/v1/predict", data="{", headers={"content-type": "application/json"}
         ),
-        "predict": client.post("/api/v1/predict", json=request_factory(9101)),
+        "predict": client.post("/api/v1/predict", json=request_factory(9601)),
     }
     assert responses["predict"].status_code == 200, responses["predict"].get_data(as_text=True)
     assert responses["not found"].status_code == 404
@@ -84,7 +84,7 @@ def test_every_kind_of_response_carries_the_security_headers(
 def test_a_megabyte_station_id_is_not_echoed(
     client: FlaskClient, request_factory: MakeRequest
 ) -> None:
-    body = request_factory(9102)
+    body = request_factory(9602)
     body["receivers"][0]["station"] = "Z" * MEGABYTE
     response = client.post("/api/v1/predict", json=body)
     assert response.status_code == 422
