@@ -32,8 +32,15 @@ redis: $(STAMP) ## Make sure a Redis answers at HEIMDALL_REDIS_URL (start one if
 register: $(STAMP) ## Register the shipped model in the registry (idempotent)
 	$(BIN)/heimdall model register --if-missing
 
+# supervisord (deploy/supervisord.conf) restarts whichever process exits, alone.
+# Every process gets .env (if any), then var/run.env (written by deploy/ensure-redis.sh:
+# the Redis URLs with their password), so a generated value wins over a stale copy.
 run: install redis register ## Set up and run API + worker + Flower in the foreground (Ctrl-C stops)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f deploy/Procfile -d . start
+	@mkdir -p var/run
+	set -a; [ ! -f .env ] || . ./.env; [ ! -f var/run.env ] || . var/run.env; set +a; \
+	export PATH="$(CURDIR)/$(BIN):$$PATH" HEIMDALL_RUN_DIR="$${HEIMDALL_RUN_DIR:-$(CURDIR)/var/run}"; \
+	mkdir -p "$$HEIMDALL_RUN_DIR"; \
+	exec $(BIN)/supervisord -c deploy/supervisord.conf
 
 test: install-train ## Install everything and run the whole test suite
 	@bash deploy/ensure-redis.sh --binary-only

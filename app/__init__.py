@@ -8,7 +8,7 @@ card from the registry to validate requests and key the cache.
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Flask, Response
 
 from app import api, health, openapi
 from app.errors import register_error_handlers
@@ -16,6 +16,28 @@ from app.logs import configure_logging, install_request_hooks
 from app.metrics import init_metrics
 from app.services import EXTENSION, Services
 from heimdall.config import Settings, get_settings
+
+# Sent with every response. The API serves JSON and one self-contained HTML page
+# (/docs, inline style, no script): nothing may frame it, sniff a JSON body into
+# HTML, leak its URLs (job ids) in a Referer, or keep a prediction in a shared cache.
+SECURITY_HEADERS: dict[str, str] = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _add_security_headers(response: Response) -> Response:
+    """Add :data:`SECURITY_HEADERS`, keeping any a view chose itself."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 def create_app(config: Settings | None = None) -> Flask:
@@ -37,4 +59,6 @@ def create_app(config: Settings | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    # Registered last so it runs on every response, problem documents included.
+    app.after_request(_add_security_headers)
     return app

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g, json, request
 from werkzeug.exceptions import HTTPException
 
-from heimdall.errors import HeimdallError
+from heimdall.errors import HeimdallError, bounded_problem
 
 log = logging.getLogger("heimdall.api")
 
@@ -35,7 +35,7 @@ class RemoteProblem(HeimdallError):
 
     def __init__(self, problem: dict[str, Any]) -> None:
         super().__init__(str(problem.get("detail", "")), field=problem.get("field"))
-        self.problem = dict(problem)
+        self.problem = bounded_problem(problem)
         self.status = int(problem.get("status", 500))
 
     def to_problem(self) -> dict[str, Any]:
@@ -75,12 +75,15 @@ def http_problem(exc: HTTPException) -> dict[str, Any]:
         detail = f"no resource at {request.path}"
     elif status == 405:
         detail = f"{request.method} is not allowed on {request.path}"
-    return {
-        "type": f"{_PROBLEM_PREFIX}{slug}",
-        "title": exc.name or "HTTP error",
-        "status": status,
-        "detail": detail,
-    }
+    # The path and method are the client's: bounded like every quoted input.
+    return bounded_problem(
+        {
+            "type": f"{_PROBLEM_PREFIX}{slug}",
+            "title": exc.name or "HTTP error",
+            "status": status,
+            "detail": detail,
+        }
+    )
 
 
 def _on_heimdall_error(exc: HeimdallError) -> Response:

@@ -2,7 +2,8 @@
 
 Environment: ``HEIMDALL_API_BIND`` (default 0.0.0.0:8000), ``HEIMDALL_API_WORKERS``
 (default 2), ``HEIMDALL_API_THREADS`` (default 8), ``PROMETHEUS_MULTIPROC_DIR``
-(default var/prometheus), plus the service's own ``HEIMDALL_*`` settings.
+(default var/prometheus), ``HEIMDALL_API_CONTROL_SOCKET`` (default var/run/gunicorn.ctl,
+``off`` disables it), plus the service's own ``HEIMDALL_*`` settings.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ threads = int(os.environ.get("HEIMDALL_API_THREADS", "8"))
 timeout = int(_settings.predict_timeout_s) + 30
 graceful_timeout = int(_settings.predict_timeout_s) + 10
 keepalive = 5
+
+# gunicorn >= 25.1 opens a control socket (for gunicornc) at one per-user default
+# path ($XDG_RUNTIME_DIR or ~/.gunicorn): every gunicorn of that user on the host
+# would fight over it. Each instance gets its own under its var/ instead.
+_control_socket = os.environ.get(
+    "HEIMDALL_API_CONTROL_SOCKET", str((_settings.var_dir / "run" / "gunicorn.ctl").resolve())
+)
+if _control_socket.lower() in {"", "off", "none", "false", "0"}:
+    control_socket_disable = True
+else:
+    control_socket = _control_socket
+    control_socket_mode = 0o600
 if Path("/dev/shm").is_dir():
     # Heartbeat files on tmpfs: a slow disk must not get workers killed.
     worker_tmp_dir = "/dev/shm"

@@ -154,18 +154,67 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def reload_outcome(replies: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """Exit status and one line per worker for the replies of a reload broadcast.
+
+    ``replies`` is Celery's broadcast answer, ``[{hostname: reply}, ...]``. The
+    status is 0 only when at least one worker replied and every one replied
+    ``ok: true``: a script that promotes a model must learn that a worker still
+    serves the old one.
+    """
+    lines: list[str] = []
+    failed = 0
+    for entry in replies:
+        for hostname, reply in entry.items():
+            body: dict[str, Any] = (
+                reply if isinstance(reply, dict) else {"ok": False, "error": repr(reply)}
+            )
+            identity = body.get("model") or {}
+            serving = (
+                f"{identity.get('name')} v{identity.get('version')} ({identity.get('alias')})"
+                if identity
+                else "no model"
+            )
+            if body.get("ok") is True:
+                lines.append(f"ok      {hostname}: now serving {serving}")
+            else:
+                failed += 1
+                lines.append(
+                    f"FAILED  {hostname}: {body.get('error') or 'no reason given'}"
+                    f" (still serving {serving})"
+                )
+    if not lines:
+        return 1, ["FAILED  no worker replied (are any running, on this broker?)"]
+    if failed:
+        lines.append(f"{failed} of {len(lines)} worker(s) failed to reload")
+    return (1 if failed else 0), lines
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Ask every worker to re-resolve the alias and reload its model."""
+    """Ask every worker to re-resolve the alias and reload its model.
+
+    Prints a line per worker (``--json``: the raw replies); exits non-zero when
+    no worker replied or any replied ``ok: false``.
+    """
     from celery import Celery
 
     app = Celery("heimdall-cli")
     app.config_from_object("celeryconfig")
     arguments = {"alias": args.alias} if args.alias else {}
     replies = app.control.broadcast(
-        "heimdall_reload_model", arguments=arguments, reply=True, timeout=args.timeout
+        "heimdall_reload_model",
+        arguments=arguments,
+        reply=True,
+        timeout=args.timeout,
+        destination=args.destination or None,
+        limit=len(args.destination) if args.destination else None,
     )
-    _print_json(replies)
-    return 0 if replies else 1
+    status, lines = reload_outcome(replies or [])
+    if args.json:
+        _print_json(replies)
+    for line in lines:
+        print(line, file=sys.stderr if args.json else sys.stdout)
+    return status
 
 
 def cmd_stations(args: argparse.Namespace) -> int:
@@ -225,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("reload", help="make running workers reload name@alias")
     p.add_argument("--alias", default=None)
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument(
+        "--destination",
+        action="append",
+        metavar="NODE",
+        help="reload only this worker (e.g. heimdall@host); repeat for several (default: all)",
+    )
+    p.add_argument("--json", action="store_true", help="print the raw replies as JSON")
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("stations", help="print the receiver network")

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,16 +32,25 @@ class Settings(BaseSettings):
     """Redis of the prediction cache (may evict); unset: the next database of ``redis_url``."""
 
     broker_url: str = Field(
-        default="redis://127.0.0.1:6379/0",
+        default="",
+        validate_default=True,
         validation_alias=AliasChoices("CELERY_BROKER_URL", "HEIMDALL_BROKER_URL"),
     )
-    """Celery broker (Redis)."""
+    """Celery broker (Redis); unset or empty means ``redis_url``."""
 
     result_backend: str = Field(
-        default="redis://127.0.0.1:6379/0",
+        default="",
+        validate_default=True,
         validation_alias=AliasChoices("CELERY_RESULT_BACKEND", "HEIMDALL_RESULT_BACKEND"),
     )
-    """Celery result backend (Redis)."""
+    """Celery result backend (Redis); unset or empty means ``redis_url``."""
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _follow_redis_url(cls, value: str, info: ValidationInfo) -> str:
+        # A service moved to another Redis with HEIMDALL_REDIS_URL alone must
+        # not leave its queues behind on the old default.
+        return value or str(info.data.get("redis_url", ""))
 
     mlflow_tracking_uri: str | None = Field(
         default=None,

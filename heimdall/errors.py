@@ -9,6 +9,35 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_DETAIL_CHARS = 1_000
+"""Longest ``detail`` a problem document carries; longer ones are cut (they quote client input)."""
+
+MAX_QUOTED_CHARS = 200
+"""Longest ``field`` or other string member of a problem (a station id, a path), same reason."""
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how much was left out.
+
+    Problem documents quote what the client sent (a station id, a key, a
+    content type); a client that sends a megabyte there must not get it echoed
+    back, nor fill the logs with it.
+    """
+    if len(text) <= limit:
+        return text
+    marker = f"... ({len(text)} characters, cut)"
+    return text[: max(0, limit - len(marker))] + marker
+
+
+def bounded_problem(problem: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``problem`` whose ``detail`` and other string members are bounded."""
+    body: dict[str, Any] = {}
+    for key, value in problem.items():
+        if isinstance(value, str):
+            value = bounded(value, MAX_DETAIL_CHARS if key == "detail" else MAX_QUOTED_CHARS)
+        body[key] = value
+    return body
+
 
 class HeimdallError(Exception):
     """Base of every error the service reports to a client."""
@@ -18,10 +47,14 @@ class HeimdallError(Exception):
     title: str = "Internal error"
 
     def __init__(self, detail: str, *, field: str | None = None, **extra: Any) -> None:
+        detail = bounded(detail, MAX_DETAIL_CHARS)
         super().__init__(detail)
         self.detail = detail
-        self.field = field
-        self.extra = extra
+        self.field = None if field is None else bounded(field, MAX_QUOTED_CHARS)
+        self.extra = {
+            key: bounded(value, MAX_QUOTED_CHARS) if isinstance(value, str) else value
+            for key, value in extra.items()
+        }
 
     def to_problem(self) -> dict[str, Any]:
         """Problem document (RFC 9457 shape) describing this error."""

@@ -1,9 +1,9 @@
-"""The deploy files agree with the code: compose, Kubernetes, Procfile, Dockerfile, .env.example.
+"""The deploy files agree with the code: compose, Kubernetes, Dockerfile, .env.example.
 
 No Docker engine or cluster runs here, so these tests read the files and check
 them against what the code really reads and exports: the settings of
 ``heimdall.config.Settings``, the env names of ``deploy/gunicorn.conf.py``, the
-metrics of ``app.metrics`` and the shell that honcho runs Procfile lines with.
+metrics of ``app.metrics`` and the dotenv parsing .env.example must survive.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,6 @@ import pytest
 import yaml
 from flask import Flask
 from honcho.environ import parse as parse_dotenv
-from honcho.environ import parse_procfile
 from pydantic import AliasChoices
 
 from app.metrics import init_metrics
@@ -37,12 +34,19 @@ PROCESS_SETTINGS = {
     "HEIMDALL_WORKER_CONCURRENCY": "2",
     "HEIMDALL_FLOWER_PORT": "5555",
     "FLOWER_BASIC_AUTH": "admin:heimdall",
+    "FLOWER_BASIC_AUTH_FILE": "",
+    "FLOWER_ADDRESS": "127.0.0.1",
+    "FLOWER_PORT": "5555",
     "PROMETHEUS_MULTIPROC_DIR": "var/prometheus",
+    "HEIMDALL_API_CONTROL_SOCKET": "var/run/gunicorn.ctl",
+    "HEIMDALL_RUN_DIR": "var/run",
+    "REDIS_PASSWORD_FILE": "",
 }
 """Environment read by the deploy files (not by Settings), with the default each one has."""
 
 COMPOSE_SERVICES = {
     "redis",
+    "redis-cache",
     "postgres",
     "minio",
     "minio-init",
@@ -165,10 +169,10 @@ def test_compose_commands_and_ports() -> None:
     assert " -E" in worker
 
     flower = command_text(services["flower"]["command"])
-    assert "celery -A tasks flower" in flower
-    assert "--port=5555" in flower
+    assert "deploy/flower.sh" in flower
+    assert services["flower"]["environment"]["FLOWER_PORT"] == "5555"
     assert any(str(p).endswith("5555:5555") for p in services["flower"]["ports"])
-    assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    assert "FLOWER_BASIC_AUTH_FILE" in services["flower"]["environment"]
 
     assert command_text(services["register"]["command"]) == "heimdall model register --if-missing"
 
@@ -302,6 +306,7 @@ EXPECTED_KINDS = {
     "flower.yaml": ["Deployment", "Service"],
     "configmap.yaml": ["ConfigMap"],
     "flower-auth.secret.example.yaml": ["Secret"],
+    "redis-auth.secret.example.yaml": ["Secret"],
 }
 
 
@@ -354,7 +359,7 @@ def test_k8s_worker_command_and_liveness_agree_on_the_node_name() -> None:
 
 def test_k8s_flower_auth_comes_from_the_secret() -> None:
     flower = container(one(k8s_docs("flower.yaml"), "Deployment"))
-    assert "celery -A tasks flower" in command_text(flower["command"])
+    assert "deploy/flower.sh" in command_text(flower["command"])
     env = {e["name"]: e for e in flower["env"]}
     ref = env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]
     secret = one(k8s_docs("flower-auth.secret.example.yaml"), "Secret")
@@ -367,11 +372,11 @@ def test_k8s_configmap_holds_known_settings_as_strings() -> None:
     # ConfigMap values must be strings: a bare YAML number is rejected by the API server.
     assert all(isinstance(v, str) for v in data.values())
     assert set(data) <= known_env_names()
-    for name in ("HEIMDALL_REDIS_URL", "CELERY_BROKER_URL", "MLFLOW_TRACKING_URI"):
-        assert name in data
+    assert "MLFLOW_TRACKING_URI" in data
     for name in ("api.yaml", "worker.yaml", "flower.yaml"):
         refs = container(one(k8s_docs(name), "Deployment"))["envFrom"]
         assert {"configMapRef": {"name": "heimdall-config"}} in refs
+        assert {"secretRef": {"name": "heimdall-redis"}} in refs
 
 
 # -- .env.example --------------------------------------------------------------------------
@@ -420,42 +425,7 @@ def test_env_example_values_are_the_defaults(clean_env: pytest.MonkeyPatch) -> N
             assert documented[env] == "", env
 
 
-# -- Procfile and Dockerfile ---------------------------------------------------------------
-
-
-def test_procfile_has_the_three_processes() -> None:
-    processes = parse_procfile((DEPLOY / "Procfile").read_text()).processes
-    assert set(processes) == {"api", "worker", "flower"}
-    assert processes["api"] == "gunicorn -c deploy/gunicorn.conf.py wsgi:app"
-    worker = shlex.split(processes["worker"])
-    assert worker[:4] == ["celery", "-A", "tasks", "worker"]
-    assert "--pool=prefork" in worker
-    assert "-E" in worker
-    assert shlex.split(processes["flower"])[:4] == ["celery", "-A", "tasks", "flower"]
-
-
-def _expand(command: str, env: dict[str, str]) -> list[str]:
-    """Words of ``command`` after /bin/sh expansion (honcho runs lines with shell=True)."""
-    out = subprocess.run(
-        ["/bin/sh", "-c", f"printf '%s\\n' {command}"],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.split()
-
-
-def test_procfile_defaults_apply_with_nothing_set() -> None:
-    processes = parse_procfile((DEPLOY / "Procfile").read_text()).processes
-    worker = _expand(processes["worker"], {})
-    flower = _expand(processes["flower"], {})
-    assert "--concurrency=2" in worker
-    assert "--port=5555" in flower
-    assert "--basic-auth=admin:heimdall" in flower
-    custom = {"HEIMDALL_WORKER_CONCURRENCY": "4", "FLOWER_BASIC_AUTH": "ops:pw"}
-    assert "--concurrency=4" in _expand(processes["worker"], custom)
-    assert "--basic-auth=ops:pw" in _expand(processes["flower"], custom)
+# -- Dockerfile ---------------------------------------------------------------------------
 
 
 def dockerfile_instructions() -> list[str]:
