@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from heimdall import contract
 from heimdall.config import get_settings
 from heimdall.errors import HeimdallError
 
@@ -201,13 +202,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
     app = Celery("heimdall-cli")
     app.config_from_object("celeryconfig")
     arguments = {"alias": args.alias} if args.alias else {}
+    # Return as soon as every worker answered (the heartbeats say how many
+    # there are) instead of always waiting out the timeout.
+    expected = len(args.destination) if args.destination else len(_live_hostnames())
     replies = app.control.broadcast(
-        "heimdall_reload_model",
+        contract.RELOAD_COMMAND,
         arguments=arguments,
         reply=True,
         timeout=args.timeout,
         destination=args.destination or None,
-        limit=len(args.destination) if args.destination else None,
+        limit=expected or None,
     )
     status, lines = reload_outcome(replies or [])
     if args.json:
@@ -215,6 +219,20 @@ def cmd_reload(args: argparse.Namespace) -> int:
     for line in lines:
         print(line, file=sys.stderr if args.json else sys.stdout)
     return status
+
+
+def _live_hostnames() -> list[str]:
+    """Workers with a fresh heartbeat in the state Redis (empty when it cannot be read)."""
+    import redis
+
+    from heimdall.heartbeats import live_workers
+
+    settings = get_settings()
+    try:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+        return [w["hostname"] for w in live_workers(client, settings.heartbeat_timeout_s)]
+    except (redis.RedisError, OSError):
+        return []
 
 
 def cmd_stations(args: argparse.Namespace) -> int:
@@ -273,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resolve)
     p = model.add_parser("reload", help="make running workers reload name@alias")
     p.add_argument("--alias", default=None)
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the replies (each worker loads and tests the model first)",
+    )
     p.add_argument(
         "--destination",
         action="append",

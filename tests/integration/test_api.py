@@ -25,8 +25,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app import create_app
-from app.health import live_workers
 from heimdall.config import Settings
+from heimdall.heartbeats import live_workers
 from heimdall.iq import encode_base64
 
 ROOT = Path(__file__).resolve().parents[2]
