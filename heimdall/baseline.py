@@ -149,18 +149,33 @@ def _summary(points: np.ndarray, ll: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return mean, cov, joint
 
 
+def _log_gaussian(points: np.ndarray, prior: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """(P, 1, 1) log density (up to a constant) of a 2-D Gaussian prior at the points."""
+    if prior is None:
+        return np.zeros((points.shape[0], 1, 1))
+    mean, cov = prior
+    d = points - mean
+    return -0.5 * np.einsum("pi,ij,pj->p", d, np.linalg.inv(cov), d)[:, None, None]
+
+
 def posterior(
     features: np.ndarray,
     mask: np.ndarray,
     stations_enu: np.ndarray,
     params: LikelihoodParams | None = None,
     grid: np.ndarray | None = None,
+    prior: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Posterior:
-    """Posterior of one scene from (S, 3) station features and (S,) mask."""
+    """Posterior of one scene from (S, 3) station features and (S,) mask.
+
+    ``prior`` (mean m, covariance m^2) replaces the uniform prior over the
+    search area by a Gaussian one, e.g. the network's estimate.
+    """
     params = params or LikelihoodParams()
     grid = search_grid(stations_enu, params) if grid is None else grid
     signal, bound, det, cen = _scene_inputs(features, mask, params)
     ll = log_likelihood(_log_distance(grid, stations_enu), signal, bound, det, cen, params)
+    ll = ll + _log_gaussian(grid, prior)
     mean, cov, joint = _summary(grid, ll)
     sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
     if sd.max() < 3.0 * params.grid_step_m:
@@ -170,7 +185,7 @@ def posterior(
         fe, fn = np.meshgrid(t, t)
         fine = mean + np.stack([fe.ravel(), fn.ravel()], axis=-1)
         ll = log_likelihood(_log_distance(fine, stations_enu), signal, bound, det, cen, params)
-        mean, cov, joint = _summary(fine, ll)
+        mean, cov, joint = _summary(fine, ll + _log_gaussian(fine, prior))
         cell = (2.0 * half / (params.fine_points - 1)) ** 2 / 12.0
         cov = cov + np.eye(2) * cell
         grid = fine

@@ -77,7 +77,8 @@ def evaluate_family(
     mean, cov, posts = localizer.estimate(data.x, data.mask)
     locs = localizer.localize(mean, cov, posts, data.mask, data.x)
     net_pos, _ = localizer.run(data.x, data.mask)
-    post_pos = np.array([p.mean_m for p in posts])
+    uniform = baseline.posteriors(data.x, data.mask, localizer.stations_enu, localizer.likelihood)
+    post_pos = np.array([p.mean_m for p in uniform])
     base_pos = baseline.maximum_likelihood(
         data.x, data.mask, station_enu(network), localizer.likelihood
     )

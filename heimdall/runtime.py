@@ -97,6 +97,7 @@ class Localizer:
         self.stations_enu = _slot_enu(card)
         self.likelihood = baseline.LikelihoodParams(**card.fusion.get("likelihood", {}))
         self.covariance_scale = float(card.fusion.get("covariance_scale", 1.0))
+        self.outside_growth = float(card.fusion.get("outside_growth", 0.0))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
@@ -134,20 +135,35 @@ class Localizer:
     def estimate(
         self, x: np.ndarray, mask: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, list[baseline.Posterior]]:
-        """Network estimate fused with the physical posterior: (B, 2) m, (B, 2, 2) m^2, posteriors.
+        """Network estimate refined by the physical likelihood: (B, 2) m, (B, 2, 2) m^2, posteriors.
 
-        The network's Gaussian and the likelihood posterior are combined by
-        precision weighting, then the covariance is scaled by the factor the card
-        calibrated on a held-out scene family.
+        The network's Gaussian is the prior of the likelihood posterior on the
+        grid (clean data overrule it, noisy data lean on it); the posterior's
+        mean and covariance are the answer. The covariance is then scaled by
+        :meth:`covariance_factor`, calibrated on a held-out scene family.
         """
         position, uncertainty = self.run(x, mask)
-        posts = baseline.posteriors(x, mask, self.stations_enu, self.likelihood)
-        means, covs = [], []
-        for p, u, post in zip(position, uncertainty, posts, strict=True):
-            mean, cov = fuse(p, _covariance(u), post.mean_m, post.covariance_m2)
-            means.append(mean)
-            covs.append(cov * self.covariance_scale)
-        return np.array(means), np.array(covs), posts
+        grid = baseline.search_grid(self.stations_enu, self.likelihood)
+        posts = [
+            baseline.posterior(
+                xi, mi, self.stations_enu, self.likelihood, grid, prior=(p, _covariance(u))
+            )
+            for xi, mi, p, u in zip(x, mask, position, uncertainty, strict=True)
+        ]
+        means = np.array([post.mean_m for post in posts])
+        covs = np.array([post.covariance_m2 for post in posts])
+        factor = self.covariance_factor(geo.hull_distance_m(means, self.stations_enu))
+        return means, covs * factor[:, None, None], posts
+
+    def covariance_factor(self, hull_distance_m: np.ndarray) -> np.ndarray:
+        """Variance scale per estimate: ``scale * (1 + growth * outside / 50 km)^2``.
+
+        ``outside`` is how far the estimate lies beyond the stations' hull (0
+        inside): fixes outside the network are less certain than any model of
+        the network's geometry says. Both numbers come from the card.
+        """
+        outside = np.maximum(np.asarray(hull_distance_m, dtype=float), 0.0) / 50_000.0
+        return self.covariance_scale * (1.0 + self.outside_growth * outside) ** 2
 
     def localize(
         self,
@@ -206,15 +222,6 @@ class Localizer:
             )
             for loc in locs
         ]
-
-
-def fuse(
-    mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Precision-weighted combination of two 2-D Gaussian estimates."""
-    pa, pb = np.linalg.inv(cov_a), np.linalg.inv(cov_b)
-    cov = np.linalg.inv(pa + pb)
-    return cov @ (pa @ mean_a + pb @ mean_b), (cov + cov.T) / 2.0
 
 
 def _covariance(u: np.ndarray) -> np.ndarray:
