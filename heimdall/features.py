@@ -96,7 +96,7 @@ def resample(iq: np.ndarray, from_hz: float, to_hz: float) -> np.ndarray:
     x = np.asarray(iq, dtype=np.complex64)
     # I and Q separately: the same numbers as one complex call, at under half the time.
     up, down = ratio.numerator, ratio.denominator
-    out = np.empty(x.shape[:-1] + (-(-x.shape[-1] * up // down),), dtype=np.complex64)
+    out = np.empty((*x.shape[:-1], -(-x.shape[-1] * up // down)), dtype=np.complex64)
     out.real = signal.resample_poly(x.real, up, down, axis=-1)
     out.imag = signal.resample_poly(x.imag, up, down, axis=-1)
     return out

@@ -31,8 +31,6 @@ def test_simulate_writes_a_valid_request(tmp_path):
     assert main(["simulate", "--out", str(out), "--seed", "3", "--samples", "1024"]) == 0
     body = json.loads(out.read_text())
     net = load_network()
-    req = decode_request(
-        body, stations=net.ids, band_mhz=(144.0, 146.0), min_stations=3
-    )
+    req = decode_request(body, stations=net.ids, band_mhz=(144.0, 146.0), min_stations=3)
     assert len(req.stations) >= 3
     assert {"latitude", "longitude"} <= set(body["truth"])
