@@ -106,7 +106,6 @@ def decode(payload: Any, model: ResolvedModel, min_stations: int) -> DecodedRequ
     return decode_request(
         payload,
         stations=card.slots,
-        sample_rate_hz=card.features.sample_rate_hz,
         band_mhz=card.band_mhz,
         min_stations=min_stations,
     )

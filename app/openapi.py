@@ -90,7 +90,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 },
                 "sample_rate_hz": {
                     "type": "number",
-                    "description": "Must equal the served model's sample rate (e.g. 48000).",
+                    "description": (
+                        "Rate of the recordings, 8000 to 2000000 Hz; they are band-limited "
+                        "and resampled to the model's rate."
+                    ),
                 },
                 "frequency_mhz": {
                     "type": "number",
@@ -155,6 +158,17 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "geojson": {
                     "type": "object",
                     "description": "FeatureCollection: the estimate and one polygon per ellipse.",
+                },
+                "quality": {
+                    "type": "object",
+                    "description": "How far the fix can be trusted (see docs/model.md).",
+                    "properties": {
+                        "inside_coverage": {"type": "boolean"},
+                        "fit_residual_db": number,
+                        "detected_stations": {"type": "array", "items": {"type": "string"}},
+                        "n_detected": {"type": "integer"},
+                        "hull_distance_m": number,
+                    },
                 },
                 "model": _ref("ModelIdentity"),
                 "inference_time_ms": number,

@@ -51,7 +51,6 @@ def decoded_request(seed: int, samples: int = 4096) -> DecodedRequest:
     return decode_request(
         simulated_request(seed, samples, "base64"),
         stations=card.slots,
-        sample_rate_hz=card.features.sample_rate_hz,
         band_mhz=card.band_mhz,
         min_stations=1,
     )

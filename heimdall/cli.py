@@ -34,7 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     network = load_network(get_settings().stations_file)
     out = Path(args.out) if args.out else shipped_model_dir()
     params = TrainParams(
-        train_scenes=args.scenes, val_scenes=args.val_scenes, epochs=args.epochs, seed=args.seed
+        train_scenes=args.scenes,
+        val_scenes=args.val_scenes,
+        calibration_scenes=args.calibration_scenes,
+        epochs=args.epochs,
+        seed=args.seed,
     )
     started = time.perf_counter()
     summary = train(network, out, params)
@@ -61,12 +65,14 @@ def _record_accuracy(model_dir: Path, report: dict[str, Any]) -> None:
     """Store evaluation figures in the card (the ONNX file and its sha are untouched)."""
     path = model_dir / "model_card.json"
     data = json.loads(path.read_text())
+    held = report["families"].get("held-out") or next(iter(report["families"].values()))
     data["accuracy"] = {
-        "evaluation_scenes": report["n_scenes"],
+        "evaluation_scenes": report["n_scenes_per_family"],
         "evaluation_seed": report["seed"],
-        **report["model"],
-        "baseline_median_error_m": report["baseline"]["median_error_m"],
-        "baseline_p90_error_m": report["baseline"]["p90_error_m"],
+        **held["model"],
+        "baseline_median_error_m": held["baseline"]["median_error_m"],
+        "baseline_p90_error_m": held["baseline"]["p90_error_m"],
+        "families": report["families"],
     }
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -85,15 +91,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
     else:
-        m, b = report["model"], report["baseline"]
-        print(f"{report['n_scenes']} held-out scenes (seed {report['seed']})")
-        print(f"{'':10s} {'median m':>10s} {'mean m':>10s} {'P90 m':>10s}")
-        for label, s in (("model", m), ("baseline", b)):
+        print(f"{report['n_scenes_per_family']} scenes per family (seed {report['seed']})")
+        head = (
+            "family",
+            "model med",
+            "base med",
+            "ratio",
+            "model P90",
+            "base P90",
+            "cov68",
+            "cov95",
+        )
+        print("{:11s} {:>10s} {:>10s} {:>6s} {:>10s} {:>10s} {:>6s} {:>6s}".format(*head))
+        for name, f in report["families"].items():
+            m, b = f["model"], f["baseline"]
             print(
-                f"{label:10s} {s['median_error_m']:10.0f} {s['mean_error_m']:10.0f} "
-                f"{s['p90_error_m']:10.0f}"
+                f"{name:11s} {m['median_error_m']:10.0f} {b['median_error_m']:10.0f} "
+                f"{f['model_to_baseline_median']:6.2f} {m['p90_error_m']:10.0f} "
+                f"{b['p90_error_m']:10.0f} {m['coverage_68']:6.3f} {m['coverage_95']:6.3f}"
             )
-        print(f"coverage: 68 % ellipse {m['coverage_68']:.3f}, 95 % ellipse {m['coverage_95']:.3f}")
     return 0
 
 
@@ -250,16 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="simulate, train, export ONNX + card (needs the train extra)")
     p.add_argument("--out", help="output folder (default: the packaged model folder)")
-    p.add_argument("--scenes", type=int, default=80_000, help="training scenes")
+    p.add_argument("--scenes", type=int, default=30_000, help="training scenes")
     p.add_argument("--val-scenes", type=int, default=4_000, help="validation scenes")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--eval-scenes", type=int, default=2_000, help="held-out evaluation scenes")
+    p.add_argument("--calibration-scenes", type=int, default=400, help="calibration-family scenes")
+    p.add_argument("--eval-scenes", type=int, default=300, help="evaluation scenes per family")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="model vs baseline on held-out simulated scenes")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--scenes", type=int, default=2_000)
+    p.add_argument("--scenes", type=int, default=300, help="scenes per family")
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: fixed)")
     p.add_argument("--model-dir", help="folder with model.onnx + model_card.json")
     p.add_argument("--registry", action="store_true", help="evaluate name@alias from the registry")

@@ -1,4 +1,10 @@
-"""Evaluation of a localizer against truth and against the classical baseline."""
+"""Evaluation of the served localizer against truth and the classical baseline, per family.
+
+Each family of :data:`heimdall.simulate.families.EVALUATION` is simulated
+afresh (its own seed), run through the serving path (features -> ONNX ->
+fusion with the physical likelihood) and through the maximum-likelihood
+baseline. Nothing here is fitted: the families are for judging only.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,15 @@ from typing import Any
 import numpy as np
 
 from heimdall import baseline
-from heimdall.features import normalize
 from heimdall.geo import CHI2_SCALE
 from heimdall.modelcard import ModelCard, ModelIdentity
-from heimdall.simulate.dataset import Dataset, build_dataset
-from heimdall.simulate.propagation import SimulationParams, noise_floor_dbm
-from heimdall.simulate.scenes import placement_box, station_enu
+from heimdall.simulate.dataset import build_dataset
+from heimdall.simulate.families import EVALUATION, NOISY
+from heimdall.simulate.scenes import station_enu
 from heimdall.stations import Network
 
 EVAL_SEED = 20_261_122
-"""Seed of the held-out evaluation set (training uses other seeds)."""
+"""Seed of the held-out evaluation sets (training uses other seeds)."""
 
 
 @dataclass(frozen=True)
@@ -53,20 +58,58 @@ def coverage(d2: np.ndarray, confidence: float) -> float:
     return float(np.mean(d2 <= CHI2_SCALE[confidence] ** 2))
 
 
-def model_predictions(
-    onnx_path: Path, card: ModelCard, network: Network, data: Dataset
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run the ONNX model on a data set: (N, 2) position m, (N, 3) uncertainty."""
-    from heimdall.runtime import Localizer
+def _stats(errors: np.ndarray) -> dict[str, float]:
+    s = ErrorStats.of(errors)
+    return {
+        "median_error_m": round(s.median_m, 1),
+        "mean_error_m": round(s.mean_m, 1),
+        "p90_error_m": round(s.p90_m, 1),
+    }
 
-    localizer = Localizer(onnx_path, card, network, ModelIdentity("local", "file", None))
-    x = normalize(data.x_dbm, data.mask, card.normalization_mean_db, card.normalization_std_db)
-    positions, uncertainties = [], []
-    for start in range(0, len(data), 1024):
-        p, u = localizer.run(x[start : start + 1024], data.mask[start : start + 1024])
-        positions.append(p)
-        uncertainties.append(u)
-    return np.concatenate(positions), np.concatenate(uncertainties)
+
+def evaluate_family(
+    localizer: Any, network: Network, name: str, n_scenes: int, seed: int
+) -> dict[str, Any]:
+    """Served model, its two ingredients, and the ML baseline on one family."""
+    sim = EVALUATION[name]
+    data = build_dataset(n_scenes, seed, network, sim, localizer.card.features)
+    truth = data.target_m
+    mean, cov, posts = localizer.estimate(data.x, data.mask)
+    locs = localizer.localize(mean, cov, posts, data.mask, data.x)
+    net_pos, _ = localizer.run(data.x, data.mask)
+    uniform = baseline.posteriors(data.x, data.mask, localizer.stations_enu, localizer.likelihood)
+    post_pos = np.array([p.mean_m for p in uniform])
+    base_pos = baseline.maximum_likelihood(
+        data.x, data.mask, station_enu(network), localizer.likelihood
+    )
+    model_err = np.linalg.norm(mean - truth, axis=1)
+    base_err = np.linalg.norm(base_pos - truth, axis=1)
+    sx, sy = np.sqrt(cov[:, 0, 0]), np.sqrt(cov[:, 1, 1])
+    d2 = mahalanobis_sq(mean - truth, np.stack([sx, sy, cov[:, 0, 1] / (sx * sy)], axis=-1))
+    inside = np.array([loc.quality.inside_coverage for loc in locs])
+    m, b = np.median(model_err), np.median(base_err)
+    return {
+        "n_scenes": n_scenes,
+        "model": {
+            **_stats(model_err),
+            "coverage_68": round(coverage(d2, 0.68), 4),
+            "coverage_95": round(coverage(d2, 0.95), 4),
+            "inside_coverage_rate": round(float(inside.mean()), 4),
+            "median_sigma_m": round(float(np.median(np.sqrt((sx**2 + sy**2) / 2))), 1),
+        },
+        "baseline": _stats(base_err),
+        "network_only_median_m": round(
+            float(np.median(np.linalg.norm(net_pos - truth, axis=1))), 1
+        ),
+        "posterior_only_median_m": round(
+            float(np.median(np.linalg.norm(post_pos - truth, axis=1))), 1
+        ),
+        "model_to_baseline_median": round(float(m / b), 3),
+        "model_to_baseline_p90": round(
+            float(np.percentile(model_err, 90) / np.percentile(base_err, 90)), 3
+        ),
+        "noisy": name in NOISY,
+    }
 
 
 def evaluate(
@@ -74,44 +117,20 @@ def evaluate(
     card: ModelCard,
     network: Network,
     *,
-    n_scenes: int = 2_000,
+    n_scenes: int = 300,
     seed: int = EVAL_SEED,
-    sim: SimulationParams | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    families: tuple[str, ...] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Model and baseline errors, and ellipse coverage, on a held-out simulated set."""
-    sim = sim or SimulationParams()
+    """Per-family report: model and baseline median/P90, their ratio, ellipse coverage."""
+    from heimdall.runtime import Localizer
+
     started = time.perf_counter()
-    data = build_dataset(n_scenes, seed, network, sim, card.features, progress=progress)
-    position, uncertainty = model_predictions(onnx_path, card, network, data)
-    model_err = np.linalg.norm(position - data.target_m, axis=1)
-    d2 = mahalanobis_sq(position - data.target_m, uncertainty)
-
-    base_params = baseline.BaselineParams(
-        path_loss_exponent=sim.path_loss_exponent,
-        noise_floor_dbm=noise_floor_dbm(card.features.sample_rate_hz, sim),
-    )
-    base_pos = baseline.localize(
-        data.x_dbm, data.mask, station_enu(network), placement_box(network, sim), base_params
-    )
-    base_err = np.linalg.norm(base_pos - data.target_m, axis=1)
-
-    m, b = ErrorStats.of(model_err), ErrorStats.of(base_err)
-    return {
-        "n_scenes": n_scenes,
-        "seed": seed,
-        "model": {
-            "median_error_m": round(m.median_m, 1),
-            "mean_error_m": round(m.mean_m, 1),
-            "p90_error_m": round(m.p90_m, 1),
-            "coverage_68": round(coverage(d2, 0.68), 4),
-            "coverage_95": round(coverage(d2, 0.95), 4),
-        },
-        "baseline": {
-            "median_error_m": round(b.median_m, 1),
-            "mean_error_m": round(b.mean_m, 1),
-            "p90_error_m": round(b.p90_m, 1),
-        },
-        "model_to_baseline_median": round(m.median_m / b.median_m, 3),
-        "elapsed_s": round(time.perf_counter() - started, 1),
-    }
+    localizer = Localizer(onnx_path, card, network, ModelIdentity("local", "file", None))
+    report: dict[str, Any] = {"n_scenes_per_family": n_scenes, "seed": seed, "families": {}}
+    for i, name in enumerate(families or tuple(EVALUATION)):
+        report["families"][name] = evaluate_family(localizer, network, name, n_scenes, seed + i)
+        if progress is not None:
+            progress(name)
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    return report

@@ -1,40 +1,57 @@
-"""IQ recordings -> the model's input tensor.
+"""IQ recordings -> per-station received power, noise and detection.
 
-One recording becomes a vector of log mel-band powers in dBm::
+One recording, at any sample rate in the accepted range, becomes three
+physically meaningful numbers::
 
-    IQ (complex64, dBFS) -> STFT (Hann) -> |X|^2 power per bin
-      -> mel filterbank over |f| -> mean over frames -> 10 log10 -> + calibration (dBm)
+    IQ (complex64, dBFS, rate fs) -> resample to the model rate (band-limited)
+      -> STFT (Hann) power per bin -> mean over frames
+      -> power in 1 kHz bands of |f| within the channel -> + calibration (dBm)
+      -> channel power, noise estimate (quietest band), signal = channel - noise, detected?
 
 Absolute received power is what localizes a transmitter, so nothing here
-normalizes per recording; the model's normalization constants (from its card)
-are applied by :func:`normalize`. The same functions build the training set
-and serve requests (``tests/unit/test_features.py`` proves it), and they are
-deterministic: the same input gives the same bytes.
+normalizes per recording. Everything is computed inside the channel
+(``|f| <= channel_half_width_hz``), which every accepted rate contains and
+the resampler leaves untouched, so the features do not depend on the rate the
+receiver recorded at. The same functions build the training set and serve
+requests, and they are deterministic: the same input gives the same bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
 from scipy import signal
 
-POWER_FLOOR = 1e-20
-"""Power added before the logarithm, linear units: keeps silent bands finite (-200 dB)."""
+BOLTZMANN_DBM_PER_HZ = -174.0
+"""Thermal noise density kT at 290 K, dBm/Hz."""
+STATION_FEATURES = ("signal_dbm", "noise_dbm", "detected")
+"""The per-station feature vector, in order."""
+POWER_FLOOR = 1e-30
+"""Power added before the logarithm, linear units: keeps silent bands finite."""
 
 
 @dataclass(frozen=True)
 class FeatureParams:
-    """STFT and mel parameters; stored in every model card."""
+    """Resampling, STFT and detection parameters; stored in every model card."""
 
-    sample_rate_hz: float = 48_000.0
-    n_fft: int = 256
-    hop: int = 128
-    n_mels: int = 24
-    fmin_hz: float = 0.0
-    fmax_hz: float = 24_000.0
+    sample_rate_hz: float = 16_000.0
+    """Rate every recording is resampled to before the STFT, Hz."""
+    n_fft: int = 64
+    hop: int = 32
+    channel_half_width_hz: float = 5_000.0
+    """Power is measured in |f| <= this (a 12.5 kHz channel, clear of resampler edges), Hz."""
+    n_bands: int = 5
+    """Bands of equal width over |f| in the channel; the quietest one estimates the noise."""
+    noise_figure_min_db: float = 2.0
+    """Quietest receiver assumed: the noise estimate is not allowed below kT B + this, dB."""
+    noise_figure_max_db: float = 12.0
+    """Noisiest receiver assumed: the noise estimate is capped at kT B + this, dB."""
+    detection_snr_db: float = 0.0
+    """Signal-to-noise ratio in the channel at which a station counts as having heard it, dB."""
 
     def to_dict(self) -> dict[str, float | int]:
         """JSON-able form."""
@@ -47,48 +64,42 @@ class FeatureParams:
             sample_rate_hz=float(data["sample_rate_hz"]),
             n_fft=int(data["n_fft"]),
             hop=int(data["hop"]),
-            n_mels=int(data["n_mels"]),
-            fmin_hz=float(data["fmin_hz"]),
-            fmax_hz=float(data["fmax_hz"]),
+            channel_half_width_hz=float(data["channel_half_width_hz"]),
+            n_bands=int(data["n_bands"]),
+            noise_figure_min_db=float(data["noise_figure_min_db"]),
+            noise_figure_max_db=float(data["noise_figure_max_db"]),
+            detection_snr_db=float(data["detection_snr_db"]),
         )
 
+    @property
+    def channel_bandwidth_hz(self) -> float:
+        """Two-sided bandwidth the channel power is measured over, Hz."""
+        return 2.0 * self.channel_half_width_hz
 
-def hz_to_mel(f_hz: np.ndarray | float) -> np.ndarray:
-    """HTK mel scale: 2595 log10(1 + f/700)."""
-    return 2595.0 * np.log10(1.0 + np.asarray(f_hz, dtype=np.float64) / 700.0)
+    @property
+    def n_features(self) -> int:
+        """Length of one station's feature vector."""
+        return len(STATION_FEATURES)
 
 
-def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
-    """Inverse of :func:`hz_to_mel`."""
-    return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
+def resample(iq: np.ndarray, from_hz: float, to_hz: float) -> np.ndarray:
+    """Band-limit and resample complex IQ (last axis) from ``from_hz`` to ``to_hz``.
 
-
-@lru_cache(maxsize=8)
-def mel_filterbank(
-    n_fft: int, sample_rate_hz: float, n_mels: int, fmin_hz: float, fmax_hz: float
-) -> np.ndarray:
-    """Triangular mel filters over the two-sided spectrum, shape (n_mels, n_fft).
-
-    Complex baseband has negative frequencies; a filter weighs a bin by its
-    absolute frequency ``|f|``, so the power at +f and -f falls in the same band.
-    Filters have unit peak; the first is flat down to DC and the last flat up to
-    Nyquist, so the weights of every bin sum to one and the bands add up to the
-    total power (nothing is lost at the edges). Bins are in ``numpy.fft.fftfreq`` order.
+    Polyphase (``scipy.signal.resample_poly``, Kaiser-windowed FIR): the
+    anti-alias filter cuts at the lower of the two Nyquist frequencies, so a
+    recording at a higher rate loses what lies outside the model's band,
+    never folds it in.
     """
-    freqs = np.abs(np.fft.fftfreq(n_fft, d=1.0 / sample_rate_hz))
-    edges = mel_to_hz(np.linspace(hz_to_mel(fmin_hz), hz_to_mel(fmax_hz), n_mels + 2))
-    bank = np.zeros((n_mels, n_fft), dtype=np.float64)
-    for m in range(n_mels):
-        left, centre, right = edges[m], edges[m + 1], edges[m + 2]
-        rising = (freqs - left) / (centre - left)
-        falling = (right - freqs) / (right - centre)
-        if m == 0:
-            rising = np.ones_like(freqs)
-        if m == n_mels - 1:
-            falling = np.ones_like(freqs)
-        bank[m] = np.clip(np.minimum(np.minimum(rising, falling), 1.0), 0.0, None)
-    bank.setflags(write=False)
-    return bank
+    if from_hz == to_hz:
+        return np.asarray(iq, dtype=np.complex64)
+    ratio = Fraction(to_hz / from_hz).limit_denominator(1000)
+    x = np.asarray(iq, dtype=np.complex64)
+    # I and Q separately: the same numbers as one complex call, at under half the time.
+    up, down = ratio.numerator, ratio.denominator
+    out = np.empty((*x.shape[:-1], -(-x.shape[-1] * up // down)), dtype=np.complex64)
+    out.real = signal.resample_poly(x.real, up, down, axis=-1)
+    out.imag = signal.resample_poly(x.imag, up, down, axis=-1)
+    return out
 
 
 def power_spectrogram(iq: np.ndarray, params: FeatureParams) -> np.ndarray:
@@ -115,14 +126,46 @@ def power_spectrogram(iq: np.ndarray, params: FeatureParams) -> np.ndarray:
     return (np.abs(z) ** 2) * (params.sample_rate_hz / params.n_fft)
 
 
-def log_mel_dbfs(iq: np.ndarray, params: FeatureParams) -> np.ndarray:
-    """Mean mel-band power of recording(s) in dBFS, shape (..., n_mels), float64."""
-    power = power_spectrogram(np.asarray(iq, dtype=np.complex64), params)
-    bank = mel_filterbank(
-        params.n_fft, params.sample_rate_hz, params.n_mels, params.fmin_hz, params.fmax_hz
-    )
-    mel = np.einsum("mk,...kt->...mt", bank, power)
-    return 10.0 * np.log10(mel.mean(axis=-1) + POWER_FLOOR)
+@lru_cache(maxsize=8)
+def band_matrix(params: FeatureParams) -> np.ndarray:
+    """(n_bands, n_fft) 0/1 weights: bins whose |f| falls in each band of the channel."""
+    freqs = np.abs(np.fft.fftfreq(params.n_fft, d=1.0 / params.sample_rate_hz))
+    edges = np.linspace(0.0, params.channel_half_width_hz, params.n_bands + 1)
+    bank = np.zeros((params.n_bands, params.n_fft))
+    for m in range(params.n_bands):
+        upper = freqs <= edges[m + 1] if m == params.n_bands - 1 else freqs < edges[m + 1]
+        bank[m] = (freqs >= edges[m]) & upper
+    bank.setflags(write=False)
+    return bank
+
+
+def band_power_dbfs(iq: np.ndarray, sample_rate_hz: float, params: FeatureParams) -> np.ndarray:
+    """Mean power of recording(s) in each band of the channel, dBFS, shape (..., n_bands)."""
+    x = resample(iq, sample_rate_hz, params.sample_rate_hz)
+    power = power_spectrogram(x, params).mean(axis=-1)
+    return 10.0 * np.log10(power @ band_matrix(params).T + POWER_FLOOR)
+
+
+def station_features(band_dbm: np.ndarray, params: FeatureParams) -> np.ndarray:
+    """(..., 3) signal dBm, noise dBm, detected (0/1) from (..., n_bands) band powers in dBm.
+
+    The noise is the quietest band's power spread over the channel, held
+    within what receivers of noise figure ``noise_figure_min_db`` ..
+    ``noise_figure_max_db`` produce; the signal is the channel power minus that
+    noise (floored 20 dB under the noise); a station detected the signal when
+    its signal-to-noise ratio reaches ``detection_snr_db``.
+    """
+    band_mw = 10.0 ** (np.asarray(band_dbm, dtype=np.float64) / 10.0)
+    total_mw = band_mw.sum(axis=-1)
+    kt_b = BOLTZMANN_DBM_PER_HZ + 10.0 * np.log10(params.channel_bandwidth_hz)
+    lo = 10.0 ** ((kt_b + params.noise_figure_min_db) / 10.0)
+    hi = 10.0 ** ((kt_b + params.noise_figure_max_db) / 10.0)
+    noise_mw = np.clip(band_mw.min(axis=-1) * params.n_bands, lo, hi)
+    signal_mw = np.maximum(total_mw - noise_mw, noise_mw * 0.01)
+    signal_db = 10.0 * np.log10(signal_mw)
+    noise_db = 10.0 * np.log10(noise_mw)
+    detected = (signal_db - noise_db >= params.detection_snr_db).astype(np.float64)
+    return np.stack([signal_db, noise_db, detected], axis=-1)
 
 
 def build_features(
@@ -130,27 +173,21 @@ def build_features(
     slots: Sequence[str],
     calibration_db: Mapping[str, float],
     params: FeatureParams,
+    sample_rate_hz: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One scene's input: (features (slots, n_mels) dBm float32, mask (slots,) float32).
+    """One scene's input: (features (slots, 3) float64, mask (slots,) float32).
 
     ``slots`` fixes the station order of the model; a slot without a recording
-    is all zeros with mask 0. ``calibration_db`` maps dBFS to dBm per station.
+    is all zeros with mask 0. ``calibration_db`` maps dBFS to dBm per station;
+    ``sample_rate_hz`` is the rate the recordings were made at.
     """
-    x = np.zeros((len(slots), params.n_mels), dtype=np.float32)
+    x = np.zeros((len(slots), params.n_features))
     mask = np.zeros(len(slots), dtype=np.float32)
     for i, sid in enumerate(slots):
         iq = recordings.get(sid)
         if iq is None:
             continue
-        x[i] = (log_mel_dbfs(iq, params) + calibration_db[sid]).astype(np.float32)
+        bands = band_power_dbfs(iq, sample_rate_hz, params) + calibration_db[sid]
+        x[i] = station_features(bands, params)
         mask[i] = 1.0
     return x, mask
-
-
-def normalize(x: np.ndarray, mask: np.ndarray, mean_db: float, std_db: float) -> np.ndarray:
-    """Apply the model's normalization constants; absent slots stay zero.
-
-    One global mean/std for all bins and stations, so differences in absolute
-    power between stations (what localizes) are preserved.
-    """
-    return (((x - mean_db) / std_db) * mask[..., None]).astype(np.float32)

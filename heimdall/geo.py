@@ -172,10 +172,10 @@ def chi2_scale(confidence: float) -> float:
     """Ellipse scale k (dimensionless) so a 2-D Gaussian falls inside k·σ with `confidence`.
 
     For 2 degrees of freedom the chi-square quantile is closed-form: k = sqrt(-2 ln(1 - p)).
-    The label 0.68 means the 1-sigma probability p = erf(1/√2) = 0.6827 (k = 1.515), the
-    conventional "68 %" level; any other value is used as p directly (0.95 gives k = 2.448).
+    The confidence is the probability itself: 0.68 gives k = 1.5096, 0.95 gives k = 2.448
+    (the 1-sigma region, p = 0.6827, would be k = 1.5152 and is not what "0.68" means here).
     """
-    p = math.erf(1.0 / math.sqrt(2.0)) if confidence == 0.68 else confidence
+    p = confidence
     if not 0.0 < p < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     return math.sqrt(-2.0 * math.log(1.0 - p))
@@ -284,7 +284,8 @@ def localization_geojson(
     """GeoJSON FeatureCollection: the estimate (deg) as a Point plus one Polygon per ellipse.
 
     ``center_enu`` is the estimate's (east, north) in metres in the tangent plane at
-    ``origin`` = (lat0, lon0) degrees; the ellipses are drawn there.
+    ``origin`` = (lat0, lon0) degrees, where the covariance was expressed; the polygons'
+    vertices lie on the ellipse in the tangent plane at the estimate itself.
     """
     features: list[dict[str, Any]] = [
         {
@@ -293,10 +294,16 @@ def localization_geojson(
             "properties": {"kind": "estimate"},
         }
     ]
+    # Draw each ellipse in the tangent plane at the estimate: the covariance axes, given in
+    # the origin's frame, turn by the meridian convergence between the two points.
+    ahead_lat, ahead_lon = enu_to_geodetic(center_enu[0], center_enu[1] + 1_000.0, *origin)
+    de, dn = geodetic_to_enu(ahead_lat, ahead_lon, lat, lon)
+    turn = math.degrees(math.atan2(float(de), float(dn)))
     for ell in ellipses:
-        ring = ellipse_polygon_lonlat(
-            center_enu[0], center_enu[1], ell, origin[0], origin[1], n_points
+        local = Ellipse(
+            ell.confidence, ell.semi_major_m, ell.semi_minor_m, ell.orientation_deg + turn
         )
+        ring = ellipse_polygon_lonlat(0.0, 0.0, local, lat, lon, n_points)
         features.append(
             {
                 "type": "Feature",
@@ -311,3 +318,27 @@ def localization_geojson(
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+def hull_distance_m(points_m: npt.ArrayLike, vertices_m: npt.ArrayLike) -> FloatArray:
+    """Signed distance (m) of (N, 2) points to the convex hull of (S, 2) vertices.
+
+    Negative inside the hull (minus the distance to its boundary), positive outside.
+    Both in the same plane coordinates (metres, e.g. east/north of the network centre).
+    """
+    from scipy.spatial import ConvexHull
+
+    pts = np.atleast_2d(np.asarray(points_m, dtype=float))
+    verts = np.asarray(vertices_m, dtype=float)
+    hull = ConvexHull(verts)
+    ring = verts[hull.vertices]  # counter-clockwise
+    a, b = ring, np.roll(ring, -1, axis=0)
+    ab = b - a
+    ap = pts[:, None, :] - a[None]
+    t = np.clip((ap * ab).sum(-1) / (ab * ab).sum(-1), 0.0, 1.0)
+    nearest = a[None] + t[..., None] * ab[None]
+    dist = np.linalg.norm(pts[:, None, :] - nearest, axis=-1).min(axis=1)
+    # Inside a counter-clockwise ring every edge has the point on its left.
+    cross = ab[None, :, 0] * ap[..., 1] - ab[None, :, 1] * ap[..., 0]
+    inside = np.all(cross >= 0.0, axis=1)
+    return np.where(inside, -dist, dist)

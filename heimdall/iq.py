@@ -35,6 +35,12 @@ from heimdall.errors import (
 
 MIN_SAMPLES = 512
 MAX_SAMPLES = 65_536
+MIN_SAMPLE_RATE_HZ = 8_000.0
+"""Lowest accepted recording rate, Hz (a 12.5 kHz channel needs 12 kHz to be whole)."""
+MAX_SAMPLE_RATE_HZ = 2_000_000.0
+"""Highest accepted recording rate, Hz; the features band-limit and resample it."""
+MIN_DURATION_S = 0.010
+"""Shortest recording, s: enough STFT frames for a power estimate at the model's rate."""
 _BLOB_MAGIC = b"HMDL1"
 
 
@@ -194,14 +200,14 @@ def decode_request(
     payload: Any,
     *,
     stations: Sequence[str],
-    sample_rate_hz: float,
     band_mhz: tuple[float, float],
     min_stations: int,
 ) -> DecodedRequest:
     """Validate a predict request body and decode its recordings.
 
-    ``stations`` are the ids the model knows, ``sample_rate_hz`` the model's
-    sample rate, ``band_mhz`` the carrier range it was trained for.
+    ``stations`` are the ids the model knows, ``band_mhz`` the carrier range it
+    was trained for. Any sample rate in [8 kHz, 2 MHz] is accepted (the features
+    resample), with at least ``MIN_DURATION_S`` of recording per station.
     """
     if not isinstance(payload, Mapping):
         raise InvalidRequest("request body must be a JSON object")
@@ -212,10 +218,10 @@ def decode_request(
         )
 
     rate = _number(payload, "sample_rate_hz")
-    if rate != sample_rate_hz:
+    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
         raise SampleRateMismatch(
-            f"sample_rate_hz is {rate:g} but the model expects {sample_rate_hz:g} Hz; "
-            "resample the recordings",
+            f"sample_rate_hz is {rate:g}; accepted rates are {MIN_SAMPLE_RATE_HZ:g} to "
+            f"{MAX_SAMPLE_RATE_HZ:g} Hz",
             field="sample_rate_hz",
         )
     low, high = band_mhz
@@ -246,6 +252,13 @@ def decode_request(
                 f"station {sid!r} appears more than once", field=f"{where}.station", station=sid
             )
         decoded[sid] = decode_iq(item["iq"], sid, field=f"{where}.iq")
+        if decoded[sid].size < MIN_DURATION_S * rate:
+            raise InvalidIQ(
+                f"station {sid!r}: recording too short: {decoded[sid].size} samples at "
+                f"{rate:g} Hz is {decoded[sid].size / rate * 1e3:.1f} ms, at least "
+                f"{MIN_DURATION_S * 1e3:g} ms needed",
+                field=f"{where}.iq",
+            )
 
     if len(decoded) < min_stations:
         raise TooFewStations(

@@ -68,6 +68,9 @@ class ModelCard:
     onnx_sha256: str
     training: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)
+    fusion: dict[str, Any] = field(default_factory=dict)
+    """How serving combines the network with the physical likelihood: ``likelihood``
+    (heimdall.baseline.LikelihoodParams fields) and ``covariance_scale``."""
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -97,6 +100,7 @@ class ModelCard:
             "onnx_sha256": self.onnx_sha256,
             "training": self.training,
             "accuracy": self.accuracy,
+            "fusion": self.fusion,
         }
 
     def dumps(self) -> str:
@@ -128,6 +132,7 @@ class ModelCard:
                 onnx_sha256=str(data["onnx_sha256"]),
                 training=dict(data.get("training", {})),
                 accuracy=dict(data.get("accuracy", {})),
+                fusion=dict(data.get("fusion", {})),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ModelCardInvalid(f"model card is malformed: {exc}") from exc
@@ -143,10 +148,10 @@ class ModelCard:
         if names != ["features", "mask"]:
             raise ModelCardInvalid(f"model card inputs must be features, mask; got {names}")
         feat, mask = self.inputs
-        if feat.shape[1:] != (len(self.slots), self.features.n_mels):
+        if feat.shape[1:] != (len(self.slots), self.features.n_features):
             raise ModelCardInvalid(
                 f"card input 'features' shape {feat.shape} does not match "
-                f"{len(self.slots)} stations x {self.features.n_mels} mel bands"
+                f"{len(self.slots)} stations x {self.features.n_features} station features"
             )
         if mask.shape[1:] != (len(self.slots),):
             raise ModelCardInvalid(f"card input 'mask' shape {mask.shape} does not match slots")

@@ -160,7 +160,7 @@ def _register(
         "sample_rate_hz": card.features.sample_rate_hz,
         "n_fft": card.features.n_fft,
         "hop": card.features.hop,
-        "n_mels": card.features.n_mels,
+        "n_bands": card.features.n_bands,
         "normalization_mean_db": card.normalization_mean_db,
         "normalization_std_db": card.normalization_std_db,
         "onnx_sha256": card.onnx_sha256,

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from heimdall import geo
+from heimdall import baseline, geo
 from heimdall.errors import ModelCardInvalid
-from heimdall.features import build_features, normalize
+from heimdall.features import build_features
 from heimdall.iq import DecodedRequest
 from heimdall.modelcard import ModelCard, ModelIdentity
 from heimdall.stations import Network
@@ -28,6 +28,34 @@ STATION_POSITION_TOLERANCE_M = 50.0
 """A receiver moved farther than this since training invalidates the model."""
 
 CONFIDENCES = (0.68, 0.95)
+COVERAGE_MARGIN_M = 20_000.0
+"""An estimate farther than this outside the stations' convex hull is outside coverage."""
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How far a fix can be trusted, beyond its covariance."""
+
+    inside_coverage: bool
+    """The estimate lies within the stations' hull grown by COVERAGE_MARGIN_M and at
+    least three stations detected the signal."""
+    fit_residual_db: float
+    """RMS misfit of the detected powers to the best log-distance explanation, dB
+    (0 with fewer than three detections)."""
+    detected_stations: tuple[str, ...]
+    """Stations whose recording holds the signal (the others bound its power)."""
+    hull_distance_m: float
+    """Distance of the estimate outside the stations' convex hull, m (negative inside)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "inside_coverage": self.inside_coverage,
+            "fit_residual_db": round(self.fit_residual_db, 2),
+            "detected_stations": list(self.detected_stations),
+            "n_detected": len(self.detected_stations),
+            "hull_distance_m": round(self.hull_distance_m, 1),
+        }
 
 
 @dataclass(frozen=True)
@@ -41,6 +69,7 @@ class Localization:
     rho: float
     latitude: float
     longitude: float
+    quality: Quality | None = None
 
     @property
     def covariance(self) -> np.ndarray:
@@ -65,6 +94,10 @@ class Localizer:
         self.card = card
         self.identity = identity
         self.calibration = _serving_calibration(card, network)
+        self.stations_enu = _slot_enu(card)
+        self.likelihood = baseline.LikelihoodParams(**card.fusion.get("likelihood", {}))
+        self.covariance_scale = float(card.fusion.get("covariance_scale", 1.0))
+        self.outside_growth = float(card.fusion.get("outside_growth", 0.0))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
@@ -77,18 +110,19 @@ class Localizer:
             raise ModelCardInvalid(f"ONNX inputs {names} differ from the card's")
 
     def features(self, requests: Sequence[DecodedRequest]) -> tuple[np.ndarray, np.ndarray]:
-        """Normalized (B, slots, mels) features and (B, slots) mask for requests."""
+        """(B, slots, 3) station features (signal dBm, noise dBm, detected) and (B, slots) mask."""
         xs, masks = [], []
         for req in requests:
             x, mask = build_features(
-                req.as_mapping(), self.card.slots, self.calibration, self.card.features
+                req.as_mapping(),
+                self.card.slots,
+                self.calibration,
+                self.card.features,
+                req.sample_rate_hz,
             )
             xs.append(x)
             masks.append(mask)
-        x = np.stack(xs)
-        mask = np.stack(masks)
-        x = normalize(x, mask, self.card.normalization_mean_db, self.card.normalization_std_db)
-        return x, mask
+        return np.stack(xs), np.stack(masks)
 
     def run(self, x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One ONNX run: (B, 2) east/north m and (B, 3) sigma_e m, sigma_n m, rho."""
@@ -98,29 +132,84 @@ class Localizer:
         )
         return np.asarray(position, dtype=np.float64), np.asarray(uncertainty, dtype=np.float64)
 
-    def localize(self, position: np.ndarray, uncertainty: np.ndarray) -> list[Localization]:
-        """Convert model outputs to geodetic localizations."""
+    def estimate(
+        self, x: np.ndarray, mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[baseline.Posterior]]:
+        """Network estimate refined by the physical likelihood: (B, 2) m, (B, 2, 2) m^2, posteriors.
+
+        The network's Gaussian is the prior of the likelihood posterior on the
+        grid (clean data overrule it, noisy data lean on it); the posterior's
+        mean and covariance are the answer. The covariance is then scaled by
+        :meth:`covariance_factor`, calibrated on a held-out scene family.
+        """
+        position, uncertainty = self.run(x, mask)
+        grid = baseline.search_grid(self.stations_enu, self.likelihood)
+        posts = [
+            baseline.posterior(
+                xi, mi, self.stations_enu, self.likelihood, grid, prior=(p, _covariance(u))
+            )
+            for xi, mi, p, u in zip(x, mask, position, uncertainty, strict=True)
+        ]
+        means = np.array([post.mean_m for post in posts])
+        covs = np.array([post.covariance_m2 for post in posts])
+        factor = self.covariance_factor(geo.hull_distance_m(means, self.stations_enu))
+        return means, covs * factor[:, None, None], posts
+
+    def covariance_factor(self, hull_distance_m: np.ndarray) -> np.ndarray:
+        """Variance scale per estimate: ``scale * (1 + growth * outside / 50 km)^2``.
+
+        ``outside`` is how far the estimate lies beyond the stations' hull (0
+        inside): fixes outside the network are less certain than any model of
+        the network's geometry says. Both numbers come from the card.
+        """
+        outside = np.maximum(np.asarray(hull_distance_m, dtype=float), 0.0) / 50_000.0
+        return self.covariance_scale * (1.0 + self.outside_growth * outside) ** 2
+
+    def localize(
+        self,
+        position: np.ndarray,
+        covariance: np.ndarray,
+        posts: Sequence[baseline.Posterior],
+        mask: np.ndarray,
+        x: np.ndarray,
+    ) -> list[Localization]:
+        """Convert estimates to geodetic localizations with their quality."""
         lat0, lon0 = self.card.origin_latitude, self.card.origin_longitude
         lats, lons = geo.enu_to_geodetic(position[:, 0], position[:, 1], lat0, lon0)
-        return [
-            Localization(
-                east_m=float(p[0]),
-                north_m=float(p[1]),
-                sigma_e_m=float(u[0]),
-                sigma_n_m=float(u[1]),
-                rho=float(u[2]),
-                latitude=float(lat),
-                longitude=float(lon),
+        hull = geo.hull_distance_m(position, self.stations_enu)
+        out = []
+        for i, (p, c, post) in enumerate(zip(position, covariance, posts, strict=True)):
+            detected = tuple(
+                sid for j, sid in enumerate(self.card.slots) if mask[i, j] > 0 and x[i, j, 2] > 0
             )
-            for p, u, lat, lon in zip(position, uncertainty, lats, lons, strict=True)
-        ]
+            quality = Quality(
+                inside_coverage=bool(hull[i] <= COVERAGE_MARGIN_M and len(detected) >= 3),
+                fit_residual_db=post.residual_db,
+                detected_stations=detected,
+                hull_distance_m=float(hull[i]),
+            )
+            sx, sy = float(np.sqrt(c[0, 0])), float(np.sqrt(c[1, 1]))
+            out.append(
+                Localization(
+                    east_m=float(p[0]),
+                    north_m=float(p[1]),
+                    sigma_e_m=sx,
+                    sigma_n_m=sy,
+                    rho=float(np.clip(c[0, 1] / (sx * sy), -0.999, 0.999)),
+                    latitude=float(lats[i]),
+                    longitude=float(lons[i]),
+                    quality=quality,
+                )
+            )
+        return out
 
     def predict(self, requests: Sequence[DecodedRequest]) -> list[Localization]:
         """Localize each request; one ONNX run for the whole list."""
         if not requests:
             return []
         x, mask = self.features(requests)
-        return self.localize(*self.run(x, mask))
+        position, covariance, posts = self.estimate(x, mask)
+        return self.localize(position, covariance, posts, mask, x)
 
     def predict_results(self, requests: Sequence[DecodedRequest]) -> list[dict[str, Any]]:
         """:meth:`predict` as JSON-able result documents, with the time it took."""
@@ -133,6 +222,19 @@ class Localizer:
             )
             for loc in locs
         ]
+
+
+def _covariance(u: np.ndarray) -> np.ndarray:
+    c = u[2] * u[0] * u[1]
+    return np.array([[u[0] ** 2, c], [c, u[1] ** 2]])
+
+
+def _slot_enu(card: ModelCard) -> np.ndarray:
+    """(slots, 2) station east/north in the card's plane, m."""
+    lat = np.array([float(s["latitude"]) for s in card.stations])
+    lon = np.array([float(s["longitude"]) for s in card.stations])
+    east, north = geo.geodetic_to_enu(lat, lon, card.origin_latitude, card.origin_longitude)
+    return np.stack([np.asarray(east), np.asarray(north)], axis=-1)
 
 
 def _serving_calibration(card: ModelCard, network: Network) -> dict[str, float]:
@@ -196,6 +298,7 @@ def localization_result(
             center_enu=(loc.east_m, loc.north_m),
             origin=(card.origin_latitude, card.origin_longitude),
         ),
+        "quality": loc.quality.to_dict() if loc.quality is not None else None,
         "model": identity.to_dict(),
         "inference_time_ms": round(inference_time_ms, 3),
     }

@@ -24,7 +24,6 @@ from heimdall.errors import (
     HeimdallError,
     InvalidInput,
     InvalidRequest,
-    SampleRateMismatch,
     ServiceUnavailable,
     TooFewStations,
     UnknownStation,
@@ -131,11 +130,6 @@ def check_compatible(request: DecodedRequest, card: ModelCard, min_stations: int
             f"station {unknown[0]!r} is not in the served model's network "
             f"(known: {', '.join(card.slots)})",
             station=unknown[0],
-        )
-    if request.sample_rate_hz != card.features.sample_rate_hz:
-        raise SampleRateMismatch(
-            f"sample_rate_hz is {request.sample_rate_hz:g} but the model expects "
-            f"{card.features.sample_rate_hz:g} Hz"
         )
     low, high = card.band_mhz
     if not low <= request.frequency_mhz <= high:

@@ -1,9 +1,10 @@
 """Synthetic RF scenes: transmitters, propagation to the receivers, and their IQ.
 
-``propagation`` computes what each receiver hears (power, SNR, detection),
-``signals`` synthesizes the narrowband-FM IQ, ``scenes`` ties them together
-into training sets and example requests. Every parameter, its unit and its
-default is in :class:`SimulationParams` and docs/simulation.md.
+``propagation`` holds the path-loss laws, terrain, fading and noise;
+``scenes`` draws scenes and synthesizes their IQ (FM, CW, FSK, digital voice);
+``families`` names the training, calibration and evaluation distributions;
+``dataset`` turns scenes into the serving features. Every parameter, its unit
+and its range is in :class:`SimulationParams` and docs/simulation.md.
 """
 
 from heimdall.simulate.propagation import SimulationParams

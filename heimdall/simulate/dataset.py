@@ -11,21 +11,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from heimdall.features import FeatureParams, build_features
+from heimdall.features import FeatureParams, band_power_dbfs, station_features
 from heimdall.simulate.propagation import SimulationParams
 from heimdall.simulate.scenes import SceneBatch, sample_scenes, synthesize_iq
 from heimdall.stations import Network
 
-DEFAULT_LENGTHS = (1024, 2048, 4096)
-"""Recording lengths (samples) drawn for simulated scenes."""
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
+"""Recording lengths (samples at the features' rate, 32-256 ms) drawn per chunk of scenes."""
 
 
 @dataclass(frozen=True)
 class Dataset:
     """Features and truth of simulated scenes (stations in network order)."""
 
-    x_dbm: np.ndarray
-    """(N, S, n_mels) float32 log mel power, dBm (not normalized)."""
+    x: np.ndarray
+    """(N, S, 3) station features: signal dBm, noise dBm, detected (see heimdall.features)."""
     mask: np.ndarray
     """(N, S) float32, 1 where the station sent a recording."""
     target_m: np.ndarray
@@ -36,7 +36,7 @@ class Dataset:
     """(N,) true longitude, degrees."""
 
     def __len__(self) -> int:
-        return int(self.x_dbm.shape[0])
+        return int(self.x.shape[0])
 
 
 def scene_recordings(
@@ -60,19 +60,19 @@ def build_dataset(
     """Simulate ``n_scenes`` scenes and compute their features, reproducibly from ``seed``."""
     rng = np.random.default_rng(seed)
     slots = network.ids
-    calibration = {s.id: s.calibration_db for s in network.stations}
+    calibration = network.calibration(slots)
     xs, masks, targets, lats, lons = [], [], [], [], []
     done = 0
     while done < n_scenes:
         n = min(chunk, n_scenes - done)
-        scenes: SceneBatch = sample_scenes(rng, n, network, sim, features.sample_rate_hz)
+        scenes: SceneBatch = sample_scenes(rng, n, network, sim)
         n_samples = int(rng.choice(lengths))
         iq = synthesize_iq(rng, scenes, network, sim, features.sample_rate_hz, n_samples)
-        for i in range(n):
-            rec = scene_recordings(iq[i], scenes.present[i], slots)
-            x, mask = build_features(rec, slots, calibration, features)
-            xs.append(x)
-            masks.append(mask)
+        # The serving functions, applied to the whole chunk at once (same numbers).
+        bands = band_power_dbfs(iq, features.sample_rate_hz, features) + calibration[None, :, None]
+        present = scenes.present.astype(np.float32)
+        xs.append(station_features(bands, features) * present[..., None])
+        masks.append(present)
         targets.append(np.stack([scenes.tx_east_m, scenes.tx_north_m], axis=-1))
         lats.append(scenes.tx_latitude)
         lons.append(scenes.tx_longitude)
@@ -80,8 +80,8 @@ def build_dataset(
         if progress is not None:
             progress(done, n_scenes)
     return Dataset(
-        x_dbm=np.stack(xs),
-        mask=np.stack(masks),
+        x=np.concatenate(xs),
+        mask=np.concatenate(masks),
         target_m=np.concatenate(targets),
         latitude=np.concatenate(lats),
         longitude=np.concatenate(lons),

@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from heimdall.features import FeatureParams
 from heimdall.iq import encode_base64
-from heimdall.simulate.propagation import SimulationParams
+from heimdall.simulate.families import TRAINING
 from heimdall.simulate.scenes import sample_scenes, synthesize_iq
 from heimdall.stations import Network, load_network
 
@@ -25,22 +24,23 @@ def simulated_request(
     stations: Collection[str] | None = None,
     all_stations: bool = False,
     network: Network | None = None,
+    sample_rate_hz: float = 48_000.0,
 ) -> dict[str, Any]:
     """A predict request body for the scene drawn with ``seed``, its truth under ``truth``.
 
     Stations record with the simulator's presence probability, or all of them
     (``all_stations``), or exactly ``stations``; each sends ``n_samples``
-    samples at the features' sample rate, as base64 complex64 or as
+    samples at ``sample_rate_hz``, as base64 complex64 or as
     ``[[I, Q], ...]`` pairs (the float32 values a JSON client would send).
     The API ignores ``truth``.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, not {encoding!r}")
     network = network or load_network()
-    sim = SimulationParams(station_presence=1.0 if all_stations else 0.9)
-    rate = FeatureParams().sample_rate_hz
+    sim = TRAINING.but(station_presence=(1.0, 1.0) if all_stations else (0.9, 0.9))
+    rate = sample_rate_hz
     rng = np.random.default_rng(seed)
-    scenes = sample_scenes(rng, 1, network, sim, rate)
+    scenes = sample_scenes(rng, 1, network, sim)
     if stations is not None:
         unknown = set(stations) - set(network.ids)
         if unknown:

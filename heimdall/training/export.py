@@ -82,6 +82,7 @@ def write_card(
     sim: SimulationParams,
     training: dict[str, Any],
     accuracy: dict[str, Any] | None = None,
+    fusion: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Write ``model_card.json`` describing the ONNX file beside it."""
     lat0, lon0 = network.centroid
@@ -95,18 +96,20 @@ def write_card(
         origin_longitude=lon0,
         band_mhz=(sim.carrier_mhz - BAND_HALF_WIDTH_MHZ, sim.carrier_mhz + BAND_HALF_WIDTH_MHZ),
         inputs=(
-            TensorSpec("features", (None, n, features.n_mels)),
+            TensorSpec("features", (None, n, features.n_features)),
             TensorSpec("mask", (None, n)),
         ),
         outputs=(TensorSpec("position_m", (None, 2)), TensorSpec("uncertainty", (None, 3))),
         output_units={
             "position_m": "east, north of the origin (network centroid), metres",
             "uncertainty": "sigma_east metres, sigma_north metres, correlation rho (-1..1)",
-            "features": "log mel-band power in dBm, normalized (x - mean_db) / std_db; absent 0",
+            "features": "per station: signal power dBm, noise power dBm (in the channel), "
+            "detected 0/1; absent stations 0 with mask 0",
         },
         onnx_sha256=sha256_file(onnx_path),
         training=training,
         accuracy=accuracy or {},
+        fusion=fusion or {},
     )
     (out_dir / "model_card.json").write_text(card.dumps())
     return card

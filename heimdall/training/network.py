@@ -14,13 +14,11 @@ MIN_SIGMA = 0.004
 
 
 class Localizer(nn.Module):
-    """MLP over the slots' mel powers plus each slot's total power.
+    """MLP over each slot's signal power, noise power (dBm) and detection flag.
 
-    The total power of a recording (the log of the summed band powers, in dB)
-    is what the propagation physics acts on, but an MLP fed dB values learns a
-    log-sum-exp poorly; computing it in the graph gives the network that
-    quantity exactly. The normalization constants are buffers so the graph can
-    undo them for that sum. Absent stations are zeroed and flagged by the mask.
+    The dBm inputs are normalized inside the graph (buffers ``mean_db``,
+    ``std_db``), so serving feeds the physical values. Absent stations are
+    zeroed and flagged by the mask.
 
     Outputs, in network units: mean (B, 2) east/north, and (B, 3) sigma_e, sigma_n, rho.
     """
@@ -31,7 +29,7 @@ class Localizer(nn.Module):
     def __init__(
         self,
         n_slots: int,
-        n_mels: int,
+        n_features: int,
         hidden: int = 256,
         mean_db: float = 0.0,
         std_db: float = 1.0,
@@ -41,7 +39,7 @@ class Localizer(nn.Module):
         self.register_buffer("mean_db", torch.tensor(float(mean_db)))
         self.register_buffer("std_db", torch.tensor(float(std_db)))
         self.body = nn.Sequential(
-            nn.Linear(n_slots * n_mels + 2 * n_slots, hidden),
+            nn.Linear(n_slots * n_features + n_slots, hidden),
             nn.GELU(),
             nn.Dropout(dropout),
             nn.Linear(hidden, hidden),
@@ -56,11 +54,9 @@ class Localizer(nn.Module):
         self, features: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         m = mask.unsqueeze(-1)
-        x = features * m
-        band_db = features * self.std_db + self.mean_db
-        total_db = 10.0 * torch.log10(torch.sum(torch.pow(10.0, band_db / 10.0), dim=-1))
-        total = (total_db - self.mean_db) / self.std_db * mask
-        h = self.body(torch.cat([x.flatten(1), total, mask], dim=1))
+        power = (features[..., 0:2] - self.mean_db) / self.std_db
+        x = torch.cat([power, features[..., 2:3]], dim=-1) * m
+        h = self.body(torch.cat([x.flatten(1), mask], dim=1))
         out = self.head(h)
         mean = out[:, 0:2]
         sigma = nn.functional.softplus(out[:, 2:4]) + MIN_SIGMA

@@ -2,18 +2,25 @@
 
 import json
 
+import pytest
+
 from heimdall.cli import main
 
 
-def test_evaluate_json_reports_model_baseline_and_coverage(capsys):
-    assert main(["evaluate", "--json", "--scenes", "120", "--seed", "77"]) == 0
+def test_evaluate_json_reports_every_family_with_model_baseline_and_coverage(capsys):
+    assert main(["evaluate", "--json", "--scenes", "40", "--seed", "77"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["n_scenes"] == 120
-    for key in ("median_error_m", "mean_error_m", "p90_error_m"):
-        assert report["model"][key] > 0 and report["baseline"][key] > 0
-    assert 0.0 <= report["model"]["coverage_68"] <= report["model"]["coverage_95"] <= 1.0
-    # A sanity bound, not a target: the trained model is far better than guessing the centre.
-    assert report["model"]["median_error_m"] < 60_000
+    assert report["n_scenes_per_family"] == 40
+    families = report["families"]
+    assert set(families) == {"held-out", "second-law", "clean", "sparse", "outside", "fading"}
+    for fam in families.values():
+        for key in ("median_error_m", "mean_error_m", "p90_error_m"):
+            assert fam["model"][key] > 0 and fam["baseline"][key] > 0
+        assert 0.0 <= fam["model"]["coverage_68"] <= fam["model"]["coverage_95"] <= 1.0
+        ratio = fam["model"]["median_error_m"] / fam["baseline"]["median_error_m"]
+        assert fam["model_to_baseline_median"] == pytest.approx(ratio, abs=2e-3)
+    # A sanity bound, not a target: clean data localize far better than guessing the centre.
+    assert families["clean"]["model"]["median_error_m"] < 60_000
 
 
 def test_simulate_writes_a_valid_request(tmp_path):
@@ -24,8 +31,6 @@ def test_simulate_writes_a_valid_request(tmp_path):
     assert main(["simulate", "--out", str(out), "--seed", "3", "--samples", "1024"]) == 0
     body = json.loads(out.read_text())
     net = load_network()
-    req = decode_request(
-        body, stations=net.ids, sample_rate_hz=48_000.0, band_mhz=(144.0, 146.0), min_stations=3
-    )
+    req = decode_request(body, stations=net.ids, band_mhz=(144.0, 146.0), min_stations=3)
     assert len(req.stations) >= 3
     assert {"latitude", "longitude"} <= set(body["truth"])

@@ -57,7 +57,6 @@ def make_job(
         decoded = decode_request(
             body,
             stations=card.slots,
-            sample_rate_hz=card.features.sample_rate_hz,
             band_mhz=card.band_mhz,
             min_stations=settings.min_stations,
         )

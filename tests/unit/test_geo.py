@@ -134,7 +134,7 @@ def test_vincenty_broadcasts_arrays() -> None:
 
 
 def test_chi2_scales() -> None:
-    assert round(CHI2_SCALE[0.68], 3) == 1.515
+    assert round(CHI2_SCALE[0.68], 4) == 1.5096  # p = 0.68 itself, not the 1-sigma 0.6827
     assert round(CHI2_SCALE[0.95], 3) == 2.448
 
 
@@ -268,3 +268,20 @@ def test_localization_geojson_structure() -> None:
 
     assert [p["properties"]["confidence"] for p in polys] == [0.68, 0.95]
     assert polys[0]["properties"]["semi_major_m"] < polys[1]["properties"]["semi_major_m"]
+
+
+def test_geojson_ellipse_vertices_lie_on_the_ellipse_at_the_estimate() -> None:
+    """Far from the network centre the ring keeps its size in the estimate's own tangent plane."""
+    from heimdall.geo import ellipse_from_covariance, geodetic_to_enu, localization_geojson
+
+    lat0, lon0 = 44.966, 8.16
+    east, north = 180_000.0, -120_000.0
+    lat, lon = enu_to_geodetic(east, north, lat0, lon0)
+    cov = np.array([[9e8, 2e8], [2e8, 4e8]])
+    ell = ellipse_from_covariance(cov, 0.95)
+    doc = localization_geojson(float(lat), float(lon), [ell], (east, north), (lat0, lon0))
+    ring = np.array(doc["features"][1]["geometry"]["coordinates"][0])
+    e, n = geodetic_to_enu(ring[:, 1], ring[:, 0], float(lat), float(lon))
+    r = np.hypot(e, n)
+    assert r.max() == pytest.approx(ell.semi_major_m, rel=1e-4)
+    assert r.min() == pytest.approx(ell.semi_minor_m, rel=1e-4)

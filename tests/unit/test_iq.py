@@ -38,7 +38,6 @@ def decode(b, min_stations=3):
     return decode_request(
         b,
         stations=STATIONS,
-        sample_rate_hz=48000.0,
         band_mhz=(144.0, 146.0),
         min_stations=min_stations,
     )
@@ -129,9 +128,22 @@ def test_same_station_twice_is_rejected():
         decode(b)
 
 
-def test_wrong_sample_rate_is_rejected():
-    with pytest.raises(errors.SampleRateMismatch, match="48000"):
-        decode(body(sample_rate_hz=96000))
+@pytest.mark.parametrize("rate", [8_000, 12_000, 96_000, 2_000_000])
+def test_any_sample_rate_in_the_range_is_accepted(rate):
+    n = max(MIN_SAMPLES, int(rate * 0.02))
+    b = body(receivers=[{"station": s, "iq": encode_base64(tone(n))} for s in STATIONS[:3]])
+    assert decode({**b, "sample_rate_hz": rate}).sample_rate_hz == rate
+
+
+@pytest.mark.parametrize("rate", [4_000, 4_000_000])
+def test_sample_rate_outside_the_range_is_rejected(rate):
+    with pytest.raises(errors.SampleRateMismatch, match="8000 to 2e"):
+        decode(body(sample_rate_hz=rate))
+
+
+def test_recording_shorter_than_the_minimum_duration_is_rejected():
+    with pytest.raises(errors.InvalidIQ, match="ms needed"):
+        decode(body(sample_rate_hz=1_000_000))
 
 
 def test_frequency_outside_the_band_is_rejected():

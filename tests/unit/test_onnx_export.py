@@ -6,9 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is in the optional 'train' extra; not installed")
 
-from heimdall.features import FeatureParams, normalize  # noqa: E402
-from heimdall.simulate import SimulationParams  # noqa: E402
+from heimdall.features import FeatureParams  # noqa: E402
 from heimdall.simulate.dataset import build_dataset  # noqa: E402
+from heimdall.simulate.families import TRAINING  # noqa: E402
 from heimdall.stations import load_network  # noqa: E402
 from heimdall.training.export import IR_VERSION, export_onnx  # noqa: E402
 from heimdall.training.network import Localizer, gaussian_nll  # noqa: E402
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.train
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return Localizer(7, FeatureParams().n_mels, hidden=64).eval()
+    return Localizer(7, FeatureParams().n_features, 64, mean_db=-110.0, std_db=15.0).eval()
 
 
 def test_onnx_matches_torch_on_random_inputs(net, tmp_path):
-    x = torch.randn(64, 7, 24)
+    x = torch.randn(64, 7, 3) * 15.0 - 110.0
     mask = (torch.rand(64, 7) > 0.2).float()
     diff = export_onnx(net, 1.3, tmp_path / "m.onnx", x, mask)
     assert diff < 1e-4
@@ -34,8 +34,8 @@ def test_onnx_matches_torch_on_random_inputs(net, tmp_path):
 
 
 def test_onnx_matches_torch_on_simulated_inputs(net, tmp_path):
-    data = build_dataset(64, 4, load_network(), SimulationParams(), FeatureParams(), chunk=64)
-    x = normalize(data.x_dbm, data.mask, -110.0, 15.0)
+    data = build_dataset(64, 4, load_network(), TRAINING, FeatureParams(), chunk=64)
+    x = data.x.astype(np.float32)
     diff = export_onnx(
         net, 1.0, tmp_path / "m.onnx", torch.from_numpy(x), torch.from_numpy(data.mask)
     )
