@@ -35,7 +35,6 @@ def check(onnx_path: Path, card_path: Path) -> str:
     decoded = decode_request(
         body,
         stations=card.slots,
-        sample_rate_hz=card.features.sample_rate_hz,
         band_mhz=card.band_mhz,
         min_stations=1,
     )

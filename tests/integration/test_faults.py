@@ -63,7 +63,6 @@ def make_job(
         decoded = decode_request(
             request_factory(seed, **kwargs),
             stations=card.slots,
-            sample_rate_hz=card.features.sample_rate_hz,
             band_mhz=card.band_mhz,
             min_stations=get_settings().min_stations,
         )
@@ -365,7 +364,6 @@ def test_sync_answers_and_payloads_leave_no_state_behind(
         decode_request(
             body,
             stations=card.slots,
-            sample_rate_hz=card.features.sample_rate_hz,
             band_mhz=card.band_mhz,
             min_stations=1,
         ).digest()
