@@ -545,6 +545,10 @@ def _plain_env(workdir: Path) -> dict[str, str]:
     prefixes = ("HEIMDALL_", "CELERY_", "MLFLOW_", "PROMETHEUS_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    # mlflow models serve execs `uvicorn` from PATH: this interpreter's scripts first.
+    env["PATH"] = os.pathsep.join(
+        p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p
+    )
     env["HEIMDALL_VAR_DIR"] = str(workdir / "var")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -680,11 +684,18 @@ def ratios(report: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_LABELS = {
+    "noqueue": "no-queue reference",
+    "mlflow_pyfunc": "mlflow serve pyfunc",
+    "mlflow_onnx": "mlflow serve onnx*",
+}
+
+
 def _rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     rows = []
     for system, data in report["systems"].items():
         for scenario, s in data.get("scenarios", {}).items():
-            rows.append((f"{system} {scenario}" if system == "service" else system, s))
+            rows.append((f"{system} {scenario}" if system == "service" else _LABELS[system], s))
     return rows
 
 
@@ -718,7 +729,10 @@ def format_table(report: Mapping[str, Any], markdown: bool = False) -> str:
                 f"{cells[10]:>11}  {cells[11]}"
             )
     lines.append("")
-    lines.append("Latency in ms (async: submit to finished job). Ratios (target):")
+    lines.append(
+        "Latency in ms (async: submit to finished job). * fed precomputed features (4 KB bodies)."
+    )
+    lines.append("Ratios (target):")
     for key, value in report["ratios"].items():
         if key == "original_requirement":
             continue
@@ -834,7 +848,7 @@ def run(options: Options) -> dict[str, Any]:
 def _wrk_version() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run([wrk_binary(), "-v"], capture_output=True, text=True, timeout=5)
-        return (out.stdout or out.stderr).splitlines()[0].strip()
+        return (out.stdout or out.stderr).splitlines()[0].split(" Copyright")[0].strip()
     return None
 
 
@@ -869,6 +883,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON report (default benchmarks/results/<date>.json)")  # fmt: skip
     p.add_argument("--chart", type=Path, default=None, help="PNG (default: next to the JSON)")
+    p.add_argument("--markdown", type=Path, default=None, metavar="JSON",
+                   help="print the Markdown table of a saved report and exit")  # fmt: skip
     return p
 
 
@@ -898,6 +914,18 @@ def options_from(args: argparse.Namespace) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.bench``."""
     args = _parser().parse_args(argv)
+    if args.markdown is not None:
+        saved = json.loads(args.markdown.read_text())
+        env = saved["environment"]
+        print(
+            f"{env['date_utc']}, {env['cores']} cores, load average {env['load_average_before']} "
+            f"-> {env['load_average_after']}, {env['platform']}, Python {env['python']}, "
+            f"{env.get('wrk')}; {saved['config']['connections']} connections, "
+            f"{saved['config']['duration_s']:g} s per pass after {saved['config']['warmup_s']:g} s "
+            f"of warm-up.\n"
+        )
+        print(format_table(saved, markdown=True))
+        return 0
     try:
         options = options_from(args)
     except ValueError as exc:
