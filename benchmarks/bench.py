@@ -37,15 +37,18 @@ import json
 import os
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import requests
@@ -55,15 +58,21 @@ from benchmarks.stack import CACHE_DB, ROOT, StackError, free_port, spawn_stack
 
 LUA_SCRIPT = ROOT / "benchmarks" / "wrk" / "heimdall.lua"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-SCENARIOS = ("miss", "hit", "mixed", "batch", "async", "pairs")
+SCENARIOS = ("miss", "hit", "mixed", "batch", "async", "pairs", "slow")
 """
 * ``miss``: every request a body no earlier request carried (the cache cannot answer);
 * ``hit``: a small set of bodies repeated (each cached after its first answer);
 * ``mixed``: a share (``--mixed-share``) of requests from that small set, the rest distinct;
 * ``batch``: ``POST /api/v1/predict/batch`` of ``--batch-items`` distinct items;
 * ``async``: each connection submits ``POST /api/v1/predict/async`` and polls its job;
-* ``pairs``: ``miss`` with the recordings as JSON ``[[I, Q], ...]`` pairs.
+* ``pairs``: ``miss`` with the recordings as JSON ``[[I, Q], ...]`` pairs;
+* ``slow``: ``miss`` plus ``--slow-clients`` connections that trickle their request
+  one byte a second, while ``/health`` and ``/ready`` are probed (:class:`Probes`).
 """
+PROBE_INTERVAL_S = {"/health": 0.2, "/ready": 1.0}
+PROBE_TIMEOUT_S = 5.0
+HEALTH_LIMIT_MS = 100.0
+"""Issue #8: under slow clients plus the miss load, /health answers every probe within this."""
 SYSTEMS = ("service", "noqueue", "mlflow_pyfunc", "mlflow_onnx")
 REQUIREMENT = {"mean_ms": 300.0, "p95_ms": 500.0, "p99_ms": 700.0, "success_rate": 1.0,
                "hit_rate": 0.8}  # fmt: skip
@@ -90,6 +99,7 @@ class Options:
     batch_items: int = 64
     batch_connections: int = 2
     poll_ms: int = 50
+    slow_clients: int = 20
     samples: int = 4096
     seed: int = 1
     floor_requests: int = 60
@@ -344,6 +354,8 @@ def summarize(raw: Mapping[str, Any], spec: Pass, items_per_request: int = 1) ->
     sock = raw["socket_errors"]
     socket_errors = int(sock["connect"] + sock["read"] + sock["write"] + sock["timeout"])
     latency = raw["latency_ms"]
+    if not raw["wrk_requests"]:  # wrk reports zeros when nothing was answered
+        latency = {key: None for key in latency}
     jobs = [float(v) for v in raw.get("job_latency_ms", [])]
     cpu = dict(raw["cpu_s"])
     service_cpu = sum(v for k, v in cpu.items() if k != "wrk")
@@ -410,19 +422,23 @@ def measure(
     spec: Pass,
     cpu_groups: Mapping[str, int],
     items_per_request: int = 1,
-    between: Any = None,
+    during: Callable[[], contextlib.AbstractContextManager[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Warm-up pass (not kept), then the measured pass of ``spec``; its summary."""
+    """Warm-up pass (not kept), then the measured pass of ``spec``; its summary.
+
+    ``during`` (a context manager factory) runs around the measured pass; the
+    dict it yields is filled in by then and merged into the summary.
+    """
     warm = Pass(spec.mode, spec.path, spec.manifest, spec.connections, options.warmup_s,
                 spec.salt * 2, spec.extra)  # fmt: skip
     if options.warmup_s > 0:
         run_wrk(base_url, warm, options.wrk_threads, cpu_groups)
-    if between is not None:
-        between()
     measured = Pass(spec.mode, spec.path, spec.manifest, spec.connections, options.duration_s,
                     spec.salt * 2 + 1, spec.extra)  # fmt: skip
-    raw = run_wrk(base_url, measured, options.wrk_threads, cpu_groups)
-    summary = summarize(raw, measured, items_per_request)
+    extra: dict[str, Any] = {}
+    with during() if during is not None else contextlib.nullcontext(extra) as extra:
+        raw = run_wrk(base_url, measured, options.wrk_threads, cpu_groups)
+    summary = {**summarize(raw, measured, items_per_request), **extra}
     lat = summary["latency_ms"]
     _say(
         f"  {spec.mode:<6} {summary['throughput_rps']:>8} req/s  p50 {lat['p50']} "
@@ -430,6 +446,121 @@ def measure(
         f"hits {summary['cache_hit_rate']}"
     )
     return summary
+
+
+# -- slow clients and probes --------------------------------------------------------------
+
+
+class SlowClients:
+    """Connections that trickle their request one byte a second (reconnecting when dropped).
+
+    Even-numbered ones never finish their headers; odd ones send complete headers
+    announcing a 256 KiB JSON body and trickle the body.
+    """
+
+    def __init__(self, base_url: str, count: int, path: str = "/api/v1/predict") -> None:
+        parts = urlsplit(base_url)
+        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.count, self.path = count, path
+        self.stop = threading.Event()
+        self.connections = 0
+        self.bytes_sent = 0
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(count)
+        ]
+
+    def _client(self, index: int) -> None:
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(self.address, timeout=PROBE_TIMEOUT_S) as sock:
+                    with self._lock:
+                        self.connections += 1
+                    head = f"POST {self.path} HTTP/1.1\r\nHost: bench\r\n"
+                    if index % 2:
+                        head += "Content-Type: application/json\r\nContent-Length: 262144\r\n\r\n{"
+                    sock.sendall(head.encode())
+                    while not self.stop.wait(1.0):
+                        sock.sendall(b" " if index % 2 else b"X")
+                        with self._lock:
+                            self.bytes_sent += 1
+            except OSError:
+                self.stop.wait(0.5)
+
+    def __enter__(self) -> SlowClients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=PROBE_TIMEOUT_S + 2)
+
+
+class Probes:
+    """``GET /health`` every 0.2 s and ``GET /ready`` every 1 s, each on a new connection."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.stop = threading.Event()
+        self.results: dict[str, list[float | None]] = {path: [] for path in PROBE_INTERVAL_S}
+        self._threads = [
+            threading.Thread(target=self._probe, args=(path,), daemon=True)
+            for path in PROBE_INTERVAL_S
+        ]
+
+    def _probe(self, path: str) -> None:
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            latency: float | None
+            try:
+                response = requests.get(self.base_url + path, timeout=PROBE_TIMEOUT_S,
+                                        headers={"Connection": "close"})  # fmt: skip
+                latency = (time.perf_counter() - started) * 1000.0
+                if path == "/health" and response.status_code != 200:
+                    latency = None
+            except requests.RequestException:
+                latency = None  # no answer within the timeout
+            self.results[path].append(latency)
+            self.stop.wait(max(0.0, PROBE_INTERVAL_S[path] - (time.perf_counter() - started)))
+
+    def __enter__(self) -> Probes:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=PROBE_TIMEOUT_S + 2)
+
+    def summary(self) -> dict[str, Any]:
+        """Per path: probes, unanswered (error or timeout), share within 100 ms, percentiles."""
+        out: dict[str, Any] = {}
+        for path, values in self.results.items():
+            answered = [v for v in values if v is not None]
+            out[path] = {
+                "probes": len(values),
+                "unanswered": len(values) - len(answered),
+                "within_100ms": (
+                    round(sum(v <= HEALTH_LIMIT_MS for v in answered) / len(values), 4)
+                    if values else None
+                ),
+                "latency_ms": _percentiles(answered) if answered else None,
+            }  # fmt: skip
+        return out
+
+
+@contextlib.contextmanager
+def slow_clients_and_probes(base_url: str, count: int) -> Iterator[dict[str, Any]]:
+    """Slow clients and probes around a pass; yields the dict their figures go into."""
+    figures: dict[str, Any] = {}
+    with SlowClients(base_url, count) as slow, Probes(base_url) as probes:
+        yield figures
+    figures["slow_clients"] = {"count": count, "connections_opened": slow.connections,
+                               "bytes_trickled": slow.bytes_sent}  # fmt: skip
+    figures["probes"] = probes.summary()
 
 
 # -- the systems ---------------------------------------------------------------------------
@@ -480,6 +611,7 @@ def bench_service(options: Options, workload: Workload) -> dict[str, Any]:
                  0, 6),
             1,
         ),
+        "slow": (Pass("miss", "/api/v1/predict", base64, options.connections, 0, 10), 1),
     }  # fmt: skip
     results: dict[str, Any] = {}
     with spawn_stack(
@@ -493,7 +625,13 @@ def bench_service(options: Options, workload: Workload) -> dict[str, Any]:
             _drain(stack)
             with stack.redis_client(CACHE_DB) as cache:
                 cache.flushdb()
-            results[name] = measure(stack.base_url, options, spec, groups, items)
+            during = None
+            if name == "slow":
+
+                def during() -> contextlib.AbstractContextManager[dict[str, Any]]:
+                    return slow_clients_and_probes(stack.base_url, options.slow_clients)
+
+            results[name] = measure(stack.base_url, options, spec, groups, items, during)
         info = {
             "api_workers": stack.api_workers,
             "api_threads": stack.api_threads,
@@ -665,6 +803,21 @@ def ratios(report: Mapping[str, Any]) -> dict[str, Any]:
         "mlflow_onnx_rps_over_mlflow_pyfunc": {"value": _ratio(rps(onnx), rps(pyfunc)),
                                                "target": None},
     }  # fmt: skip
+    slow = _get(report, "service", "slow")
+    health = slow["probes"]["/health"] if slow else None
+    ready = slow["probes"]["/ready"] if slow else None
+    out["slow_health_probes_within_100ms"] = {
+        "value": health["within_100ms"] if health else None,
+        "target": "1.0 (every probe)",
+    }
+    out["slow_health_probes_unanswered"] = {
+        "value": health["unanswered"] if health else None,
+        "target": "0",
+    }
+    out["slow_ready_probe_p95_ms"] = {
+        "value": ready["latency_ms"]["p95"] if ready and ready["latency_ms"] else None,
+        "target": None,
+    }
     requirement = {}
     for scenario in ("miss", "mixed", "hit", "pairs"):
         s = _get(report, "service", scenario)
@@ -775,7 +928,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> Path:
     height = 0.26
     for offset, key, color in ((-height, "p50", "#4c72b0"), (0.0, "p95", "#dd8452"),
                                (height, "p99", "#c44e52")):  # fmt: skip
-        values = [s["latency_ms"][key] or 0.0 for _, s in rows]
+        values = [s["latency_ms"][key] or float("nan") for _, s in rows]
         ax_lat.barh(y + offset, values, height, label=key.upper(), color=color)
     for limit, style in ((300, ":"), (500, "--"), (700, "-.")):
         ax_lat.axvline(limit, color="grey", linestyle=style, linewidth=1)
@@ -870,6 +1023,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-items", type=int, default=d.batch_items)
     p.add_argument("--batch-connections", type=int, default=d.batch_connections)
     p.add_argument("--poll-ms", type=int, default=d.poll_ms, help="async: ms between polls")
+    p.add_argument("--slow-clients", type=int, default=d.slow_clients,
+                   help="slow: connections trickling their request")  # fmt: skip
     p.add_argument("--samples", type=int, default=d.samples, help="IQ samples per station")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--floor-requests", type=int, default=d.floor_requests)
@@ -901,6 +1056,7 @@ def options_from(args: argparse.Namespace) -> Options:
         wrk_threads=args.wrk_threads, scenes=args.scenes, pairs_scenes=args.pairs_scenes,
         hot=args.hot, mixed_share=args.mixed_share, batch_items=args.batch_items,
         batch_connections=args.batch_connections, poll_ms=args.poll_ms, samples=args.samples,
+        slow_clients=args.slow_clients,
         seed=args.seed, floor_requests=args.floor_requests, scenarios=scenarios,
         systems=systems, worker_concurrency=args.worker_concurrency, service_env=env,
     )  # fmt: skip

@@ -116,6 +116,7 @@ PASS_KEYS = {"throughput_rps", "items_per_s", "latency_ms", "success_rate", "cac
              "cpu_s", "cpu_cores_used", "service_cpu_ms_per_item", "statuses"}  # fmt: skip
 
 
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 60)
 def test_bench_tiny_run_reports_every_scenario_and_system(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         pytest.fail(
@@ -132,7 +133,7 @@ def test_bench_tiny_run_reports_every_scenario_and_system(tmp_path: Path) -> Non
     report = _read(out)
     assert report["benchmark"] == "bench" and report["config"]["connections"] == 4
     service = report["systems"]["service"]["scenarios"]
-    assert set(service) == {"miss", "hit", "mixed", "batch", "async", "pairs"}
+    assert set(service) == {"miss", "hit", "mixed", "batch", "async", "pairs", "slow"}
     for name, result in service.items():
         assert set(result) >= PASS_KEYS, name
         assert {"api", "worker", "redis", "wrk"} <= set(result["cpu_s"]), name
@@ -142,6 +143,9 @@ def test_bench_tiny_run_reports_every_scenario_and_system(tmp_path: Path) -> Non
         assert service[name]["cache_hits"] == 0, name
     assert service["hit"]["cache_hits"] > 0
     assert service["async"]["submitted"] > 0
+    probes = service["slow"]["probes"]
+    assert probes["/health"]["probes"] > 0 and probes["/ready"]["probes"] > 0
+    assert service["slow"]["slow_clients"]["count"] == 20
     for system in ("noqueue", "mlflow_pyfunc", "mlflow_onnx"):
         result = report["systems"][system]["scenarios"]["miss"]
         assert result["answered_ok"] > 0 and "server" in result["cpu_s"], system
