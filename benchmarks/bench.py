@@ -581,6 +581,21 @@ def _drain(stack: Any, timeout_s: float = 120.0) -> None:
         client.close()
 
 
+def _flush_cache(stack: Any) -> None:
+    """Empty the prediction cache of the stack, wherever its settings put it."""
+    import redis
+
+    from benchmarks.stack import _environ
+    from heimdall.config import Settings
+
+    with _environ(stack.env):
+        settings = Settings()
+    # Newer settings keep the cache apart (``cache_url``); older ones in HEIMDALL_REDIS_URL.
+    url = getattr(settings, "cache_url", None) or stack.redis_url(CACHE_DB)
+    with redis.Redis.from_url(url, socket_connect_timeout=2.0) as client:
+        client.flushdb()
+
+
 def bench_service(options: Options, workload: Workload) -> dict[str, Any]:
     """Every scenario against the real stack, the cache emptied before each."""
     base64 = workload.manifests["base64"]
@@ -623,8 +638,7 @@ def bench_service(options: Options, workload: Workload) -> dict[str, Any]:
         for name in options.scenarios:
             spec, items = plan[name]
             _drain(stack)
-            with stack.redis_client(CACHE_DB) as cache:
-                cache.flushdb()
+            _flush_cache(stack)
             during = None
             if name == "slow":
 
@@ -1061,9 +1075,16 @@ def options_from(args: argparse.Namespace) -> Options:
         systems=systems, worker_concurrency=args.worker_concurrency, service_env=env,
     )  # fmt: skip
     if args.quick:
-        options.duration_s, options.warmup_s = 3.0, 1.0
-        options.connections, options.scenes, options.pairs_scenes = 8, 12, 2
-        options.hot, options.batch_items, options.floor_requests = 3, 8, 8
+        # Smaller sizes, except where the command line set one explicitly.
+        defaults = _parser().parse_args([])
+        quick = {"duration": ("duration_s", 3.0), "warmup": ("warmup_s", 1.0),
+                 "connections": ("connections", 8), "scenes": ("scenes", 12),
+                 "pairs_scenes": ("pairs_scenes", 2), "hot": ("hot", 3),
+                 "batch_items": ("batch_items", 8),
+                 "floor_requests": ("floor_requests", 8)}  # fmt: skip
+        for arg, (attr, value) in quick.items():
+            if getattr(args, arg) == getattr(defaults, arg):
+                setattr(options, attr, value)
     return options
 
 
