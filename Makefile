@@ -61,10 +61,18 @@ train: install-train ## Re-train the shipped model from simulated scenes (~5 min
 evaluate: install ## Model vs baseline on 2000 held-out simulated scenes
 	$(BIN)/heimdall evaluate --json
 
-bench: install redis register ## Load test against a running service (see benchmarks/README.md)
-	$(BIN)/python -m benchmarks.load --url http://127.0.0.1:8000
+BENCH_ARGS ?=
+bench: install ## wrk at 100 connections: the service vs mlflow serve vs no queue (~10 min; benchmarks/README.md)
+	@bash deploy/ensure-redis.sh --binary-only
+	@bash benchmarks/ensure-wrk.sh
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
+
+bench-quick: install ## The same benchmark as a smoke run: 3 s per pass, 8 connections (~4 min)
+	@bash deploy/ensure-redis.sh --binary-only
+	@bash benchmarks/ensure-wrk.sh
+	$(BIN)/python -m benchmarks.bench --quick --out var/bench-quick.json $(BENCH_ARGS)
 
 clean: ## Remove local state (var/) and caches, keep .venv
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install install-train redis register run test lint format train evaluate bench clean
+.PHONY: help install install-train redis register run test lint format train evaluate bench bench-quick clean

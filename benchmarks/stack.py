@@ -116,6 +116,8 @@ class Stack:
     """The registered model: name, version, alias, onnx_sha256."""
     ready: dict[str, Any] = field(default_factory=dict)
     """The body of the first 200 ``GET /ready``."""
+    pids: dict[str, int] = field(default_factory=dict)
+    """Leader pid of each process group: ``redis``, ``gunicorn``, ``worker``."""
 
     def redis_url(self, db: int) -> str:
         """URL of database ``db`` of the private Redis."""
@@ -406,6 +408,7 @@ def spawn_stack(
             env=env,
             model=identity,
             ready=ready,
+            pids={p.name: p.popen.pid for p in procs},
         )
     finally:
         # The API first (no new work), then the worker, then Redis under both.

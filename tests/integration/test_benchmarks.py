@@ -26,7 +26,7 @@ PERCENTILES = {"n", "min", "p50", "p90", "p99", "max", "mean"}
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     """``python -m <args>`` from the repository root, without the session's service variables."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server not found; install it: sudo apt-get install -y redis-server")
@@ -41,7 +41,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=RUN_TIMEOUT_S,
+        timeout=timeout_s,
         check=False,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
@@ -108,3 +108,54 @@ def test_compare_quick_reports_every_section(tmp_path: Path) -> None:
     assert len(report["stack"]["model"]["onnx_sha256"]) == 64
     assert len(report["onnxruntime"]["model_onnx_sha256"]) == 64
     assert report["environment"]["cores"] >= 1
+
+
+BENCH_TIMEOUT_S = 900.0
+"""Four systems started one after the other, 9 passes of 3 + 1 s: minutes on a busy machine."""
+PASS_KEYS = {"throughput_rps", "items_per_s", "latency_ms", "success_rate", "cache_hit_rate",
+             "cpu_s", "cpu_cores_used", "service_cpu_ms_per_item", "statuses"}  # fmt: skip
+
+
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 60)
+def test_bench_tiny_run_reports_every_scenario_and_system(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail(
+            "wrk not found; install it: bash benchmarks/ensure-wrk.sh (apt-get install wrk)"
+        )
+    out = tmp_path / "bench.json"
+
+    proc = _run(
+        ["benchmarks.bench", "--quick", "--duration", "3", "--warmup", "1", "--connections", "4",
+         "--batch-items", "4", "--out", str(out)],
+        timeout_s=BENCH_TIMEOUT_S,
+    )  # fmt: skip
+
+    report = _read(out)
+    assert report["benchmark"] == "bench" and report["config"]["connections"] == 4
+    service = report["systems"]["service"]["scenarios"]
+    assert set(service) == {"miss", "hit", "mixed", "batch", "async", "pairs", "slow"}
+    for name, result in service.items():
+        assert set(result) >= PASS_KEYS, name
+        assert {"api", "worker", "redis", "wrk"} <= set(result["cpu_s"]), name
+    assert sum(result["answered_ok"] for result in service.values()) > 0
+    # The wrk script makes every "distinct" body decode to new samples: none is a hit.
+    for name in ("miss", "batch", "pairs"):
+        assert service[name]["cache_hits"] == 0, name
+    assert service["hit"]["cache_hits"] > 0
+    assert service["async"]["submitted"] > 0
+    probes = service["slow"]["probes"]
+    assert probes["/health"]["probes"] > 0 and probes["/ready"]["probes"] > 0
+    assert service["slow"]["slow_clients"]["count"] == 20
+    for system in ("noqueue", "mlflow_pyfunc", "mlflow_onnx"):
+        result = report["systems"][system]["scenarios"]["miss"]
+        assert result["answered_ok"] > 0 and "server" in result["cpu_s"], system
+    floor = report["compute_floor"]
+    assert floor["single_ms"] > 0 and floor["batched_ms_per_item"] > 0
+    assert floor["pairs"]["parse_ms_per_mb"] > 0
+    ratios = {"miss_rps_over_mlflow_pyfunc", "miss_rps_over_noqueue", "hit_rps_over_miss",
+              "batch_cpu_per_item_over_miss", "original_requirement"}  # fmt: skip
+    assert set(report["ratios"]) >= ratios
+    assert report["environment"]["wrk"] and report["environment"]["load_average_before"]
+    chart = Path(report["chart"])
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Ratios (target):" in proc.stdout and "service miss" in proc.stdout
