@@ -43,7 +43,6 @@ class RequestScorer:
         return decode_request(
             payload,
             stations=self.card.slots,
-            sample_rate_hz=self.card.features.sample_rate_hz,
             band_mhz=self.card.band_mhz,
             min_stations=MIN_STATIONS,
         )

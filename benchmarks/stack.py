@@ -171,6 +171,8 @@ def _service_env(
     env.update(
         {
             "HEIMDALL_VAR_DIR": str(workdir / "var"),
+            # Never the checkout's var/run.env (the embedded make-run Redis).
+            "HEIMDALL_ENV_FILE": "",
             "CELERY_BROKER_URL": f"redis://127.0.0.1:{redis_port}/{BROKER_DB}",
             "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:{redis_port}/{RESULTS_DB}",
             "HEIMDALL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{CACHE_DB}",
@@ -339,7 +341,7 @@ def spawn_stack(
     *,
     worker_concurrency: int = 2,
     api_workers: int = 2,
-    api_threads: int = 8,
+    api_threads: int = 64,
     extra_env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 120.0,
     register_timeout_s: float = 300.0,
