@@ -201,7 +201,7 @@ def test_any_json_document_is_decoded_or_refused_with_a_4xx(payload: Any) -> Non
     _accepted_or_4xx(payload)
 
 
-@settings(max_examples=300)
+@settings(max_examples=5 * settings.default.max_examples)
 @given(payload=mutated_bodies())
 def test_a_damaged_request_is_refused_with_a_4xx_or_still_valid(payload: Any) -> None:
     decoded = _accepted_or_4xx(payload)
