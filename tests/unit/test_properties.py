@@ -8,7 +8,8 @@ into a 500), and features are finite, deterministic and shift by exactly
 20 log10 g dB when the IQ is scaled by g.
 
 Runs are derandomized (a fixed seed per test) so CI sees the same examples
-every time; ``HYPOTHESIS_PROFILE=deep`` runs many more for a local hunt.
+every time; ``HYPOTHESIS_PROFILE=deep`` runs many more for a local hunt (with
+``--timeout=0``: the damaged-request property alone then takes several minutes).
 """
 
 from __future__ import annotations
