@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, render_template_string
@@ -17,11 +18,49 @@ from flask import Blueprint, Response, jsonify, render_template_string
 from app.docs_template import DOCS_TEMPLATE
 from app.services import services
 from heimdall.config import Settings
-from heimdall.iq import MAX_SAMPLES, MIN_SAMPLES
+from heimdall.errors import HeimdallError
+from heimdall.iq import (
+    MAX_ABS_SAMPLE,
+    MAX_SAMPLE_RATE_HZ,
+    MAX_SAMPLES,
+    MIN_SAMPLE_RATE_HZ,
+    MIN_SAMPLES,
+)
+from heimdall.stations import load_network
 
 bp = Blueprint("openapi", __name__)
 
 OPENAPI_VERSION = "3.1.0"
+
+REQUEST_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+JOB_ID_PATTERN = "^[A-Za-z0-9-]{1,64}$"
+_B64 = "[A-Za-z0-9+/]"
+BASE64_COMPLEX64_PATTERN = f"^(?:{_B64}{{32}})*(?:{_B64}{{11}}=|{_B64}{{22}}==)?$"
+"""base64 of a whole number of complex64 samples (8 bytes each): 3 samples are
+32 characters, a remainder of 1 or 2 samples ends in ``=`` or ``==``."""
+
+
+def _base64_length(n_bytes: int) -> int:
+    return 4 * -(-n_bytes // 3)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What the served model accepts, as the validation enforces it (``heimdall.iq``)."""
+
+    stations: tuple[str, ...]
+    sample_rate_hz: float | None
+    band_mhz: tuple[float, float] | None
+
+
+def served_contract() -> Contract:
+    """The served model's stations, sample rate and band; the network's stations if none loads."""
+    svc = services()
+    try:
+        card = svc.model.current().card
+    except HeimdallError:
+        return Contract(load_network(svc.settings.stations_file).ids, None, None)
+    return Contract(card.slots, card.features.sample_rate_hz, card.band_mhz)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -47,18 +86,42 @@ def _problem_response(description: str) -> dict[str, Any]:
     }
 
 
-def _schemas(settings: Settings) -> dict[str, Any]:
+def _schemas(settings: Settings, contract: Contract) -> dict[str, Any]:
     number = {"type": "number"}
+    sample = {"type": "number", "minimum": -MAX_ABS_SAMPLE, "maximum": MAX_ABS_SAMPLE}
+    sample_rate: dict[str, Any] = {
+        "type": "number",
+        "minimum": MIN_SAMPLE_RATE_HZ,
+        "maximum": MAX_SAMPLE_RATE_HZ,
+        "description": (
+            f"Rate of the recordings, {MIN_SAMPLE_RATE_HZ:.0f} to {MAX_SAMPLE_RATE_HZ:.0f} Hz; "
+            "they are band-limited and resampled to the model's rate."
+        ),
+    }
+    frequency: dict[str, Any] = {
+        "type": "number",
+        "description": "Carrier, MHz; must lie in the model's band (default: its centre).",
+    }
+    if contract.band_mhz is not None:
+        frequency["minimum"], frequency["maximum"] = contract.band_mhz
     return {
         "Receiver": {
             "type": "object",
-            "description": "One station's complex-baseband recording (absolute scale, dBFS).",
+            "description": (
+                "One station's complex-baseband recording (absolute scale, dBFS). Each "
+                "station may appear once per request."
+            ),
             "required": ["station", "iq"],
             "properties": {
-                "station": {"type": "string", "description": "Receiver id of the network."},
+                "station": {
+                    "type": "string",
+                    "enum": list(contract.stations),
+                    "description": "Receiver id of the served model's network.",
+                },
                 "iq": {
                     "description": (
-                        f"{MIN_SAMPLES} to {MAX_SAMPLES} samples at the model's sample rate: "
+                        f"{MIN_SAMPLES} to {MAX_SAMPLES} samples at the model's sample rate, "
+                        f"finite, |I| and |Q| at most {MAX_ABS_SAMPLE:g} (full scale is 1): "
                         "[I, Q] pairs, or base64 of little-endian complex64 (float32 I, Q)."
                     ),
                     "oneOf": [
@@ -68,12 +131,18 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                             "maxItems": MAX_SAMPLES,
                             "items": {
                                 "type": "array",
-                                "prefixItems": [number, number],
+                                "prefixItems": [sample, sample],
                                 "minItems": 2,
                                 "maxItems": 2,
                             },
                         },
-                        {"type": "string", "contentEncoding": "base64"},
+                        {
+                            "type": "string",
+                            "contentEncoding": "base64",
+                            "pattern": BASE64_COMPLEX64_PATTERN,
+                            "minLength": _base64_length(8 * MIN_SAMPLES),
+                            "maxLength": _base64_length(8 * MAX_SAMPLES),
+                        },
                     ],
                 },
             },
@@ -86,21 +155,11 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "receivers": {
                     "type": "array",
                     "minItems": settings.min_stations,
+                    "maxItems": len(contract.stations),
                     "items": _ref("Receiver"),
                 },
-                "sample_rate_hz": {
-                    "type": "number",
-                    "description": (
-                        "Rate of the recordings, 8000 to 2000000 Hz; they are band-limited "
-                        "and resampled to the model's rate."
-                    ),
-                },
-                "frequency_mhz": {
-                    "type": "number",
-                    "description": (
-                        "Carrier, MHz; must lie in the model's band (default: its centre)."
-                    ),
-                },
+                "sample_rate_hz": sample_rate,
+                "frequency_mhz": frequency,
             },
             "additionalProperties": True,
         },
@@ -254,7 +313,13 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                     "type": "array",
                     "minItems": 1,
                     "maxItems": settings.max_batch_items,
-                    "items": _ref("PredictRequest"),
+                    "items": {
+                        "description": (
+                            "A PredictRequest. With continue_on_error (the default) any "
+                            "value is taken and an invalid one becomes that item's problem; "
+                            "without it, the first invalid item fails the whole request."
+                        ),
+                    },
                 },
                 "continue_on_error": {
                     "type": "boolean",
@@ -369,8 +434,12 @@ def _operation(
     return op
 
 
-def build_spec(settings: Settings) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of this service under ``settings`` (limits, timeouts)."""
+def build_spec(settings: Settings, contract: Contract) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of this service under ``settings`` (limits, timeouts).
+
+    ``contract`` fills in what the served model accepts: its stations, sample
+    rate and band.
+    """
     request_id = {"$ref": "#/components/parameters/RequestId"}
     timeout = {"$ref": "#/components/parameters/Timeout"}
     accepted = {
@@ -497,7 +566,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                         "name": "job_id",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "string"},
+                        "description": "Any other id is answered 404.",
+                        "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
                     },
                     request_id,
                 ],
@@ -601,7 +671,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         ],
         "paths": paths,
         "components": {
-            "schemas": _schemas(settings),
+            "schemas": _schemas(settings, contract),
             "parameters": {
                 "Timeout": {
                     "name": "timeout",
@@ -618,16 +688,18 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     "in": "header",
                     "required": False,
                     "description": (
-                        "Your id for this request (1-128 of A-Z a-z 0-9 . _ : -), echoed back "
-                        "and logged by the API and the workers; one is made up otherwise."
+                        "Your id for this request (1-128 of A-Z a-z 0-9 . _ : -, starting "
+                        "with a letter or digit), echoed back and logged by the API and the "
+                        "workers. Any other value is not refused but replaced by a new id."
                     ),
-                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+                    "schema": {"type": "string"},
                 },
             },
             "headers": {
                 "X-Request-ID": {
                     "description": "The request id (yours, or a new uuid4 hex).",
-                    "schema": {"type": "string"},
+                    "required": True,
+                    "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
                 }
             },
             "responses": {
@@ -654,13 +726,13 @@ def build_spec(settings: Settings) -> dict[str, Any]:
 @bp.get("/openapi.json")
 def openapi_json() -> Response:
     """The OpenAPI document."""
-    return jsonify(build_spec(services().settings))
+    return jsonify(build_spec(services().settings, served_contract()))
 
 
 @bp.get("/docs")
 def docs() -> str:
     """The OpenAPI document as a self-contained HTML page."""
-    spec = build_spec(services().settings)
+    spec = build_spec(services().settings, served_contract())
     return render_template_string(
         DOCS_TEMPLATE,
         info=spec["info"],

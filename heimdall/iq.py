@@ -41,6 +41,9 @@ MAX_SAMPLE_RATE_HZ = 2_000_000.0
 """Highest accepted recording rate, Hz; the features band-limit and resample it."""
 MIN_DURATION_S = 0.010
 """Shortest recording, s: enough STFT frames for a power estimate at the model's rate."""
+MAX_ABS_SAMPLE = 1e6
+"""Largest |I| or |Q| accepted: 120 dB above full scale, far beyond any receiver's
+recording, and far enough below the float32 range that powers cannot overflow."""
 _BLOB_MAGIC = b"HMDL1"
 
 
@@ -133,6 +136,12 @@ def decode_iq(value: Any, station: str, field: str = "iq") -> np.ndarray:
         )
     if not np.all(np.isfinite(x.view(np.float32))):
         raise InvalidIQ(f"station {station!r}: recording contains NaN or Inf", field=field)
+    if np.abs(x.view(np.float32)).max() > MAX_ABS_SAMPLE:
+        raise InvalidIQ(
+            f"station {station!r}: a sample exceeds {MAX_ABS_SAMPLE:g} in magnitude; "
+            "IQ is expected in full-scale units (|x| = 1 is 0 dBFS)",
+            field=field,
+        )
     return x
 
 
@@ -191,9 +200,15 @@ def _number(payload: Mapping[str, Any], key: str, default: float | None = None) 
     value = payload.get(key, default)
     if value is None:
         raise InvalidRequest(f"'{key}' is required", field=key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"'{key}' must be a finite number", field=key)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer no float holds, e.g. 10**400
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidRequest(f"'{key}' must be a finite number", field=key)
+    return number
 
 
 def decode_request(
