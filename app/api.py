@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 import redis
-from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from app.dispatch import Finished, JobRecord, job_status
 from app.errors import RemoteProblem, WorkerFailure, problem_type_slug
@@ -61,8 +61,8 @@ def raw_body() -> bytes:
         raise UnsupportedMediaType(
             f"send the body as application/json, not {mimetype or 'no content type'}"
         )
-    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
-    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    raw = request.get_data(cache=False)  # raises 413 past the request's max_content_length
+    limit = request.max_content_length
     # A chunked body (no Content-Length) is cut at the limit by the reader;
     # anything left means it was longer: refuse it, never answer a prefix.
     chunked_at_limit = request.content_length is None and limit is not None and len(raw) >= limit
@@ -290,6 +290,8 @@ def predict_batch_async() -> Response:
 def _batch(*, wait: bool) -> Response:
     svc = services()
     settings = svc.settings
+    # A batch carries many recordings: its own, larger body limit.
+    request.max_content_length = settings.max_batch_bytes
     started = time.time()
     payload = json_body()
     timeout_s = wait_budget(settings.predict_timeout_s) if wait else 0.0

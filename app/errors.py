@@ -68,8 +68,8 @@ def http_problem(exc: HTTPException) -> dict[str, Any]:
     slug = (exc.name or "error").lower().replace(" ", "-")
     detail = exc.description or exc.name or "HTTP error"
     if status == 413:
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        detail = f"request body is larger than the {limit} bytes this service accepts"
+        limit = request.max_content_length
+        detail = f"request body is larger than the {limit} bytes this service accepts here"
         slug = "payload-too-large"
     elif status == 404:
         detail = f"no resource at {request.path}"

@@ -706,7 +706,8 @@ def build_spec(settings: Settings, contract: Contract) -> dict[str, Any]:
                 "BadRequest": _problem_response("Malformed JSON or wrong types."),
                 "NotFound": _problem_response("No such job (or resource)."),
                 "PayloadTooLarge": _problem_response(
-                    f"Body over {settings.max_request_bytes} bytes, or more than "
+                    f"Body over {settings.max_request_bytes} bytes ({settings.max_batch_bytes} "
+                    f"for a batch, chunked bodies too), or more than "
                     f"{settings.max_batch_items} batch items."
                 ),
                 "UnsupportedMediaType": _problem_response("The body is not application/json."),

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     """Largest request body accepted, bytes (413 above; 7 stations x 65 536 samples
     as [[I, Q]] pairs is about 13 MB, as base64 about 5 MB)."""
 
+    max_batch_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """Largest batch request body accepted, bytes (413 above; 64 items of 7 x 4 096 base64
+    samples is about 17 MB)."""
+
     max_batch_items: int = Field(default=256, ge=1)
     """Most items one batch request may carry (413 above)."""
 
