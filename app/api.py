@@ -203,6 +203,7 @@ def predict() -> Response:
     payload = json_body()
     timeout_s = wait_budget(svc.settings.predict_timeout_s)
     model = svc.model.current()
+    g.log_fields["model_version"] = model.identity.version
     decoded = decode(payload, model, svc.settings.min_stations)
     digest = decoded.digest()
     hit = svc.cache.get(model.identity.name, model.identity.version, digest)
@@ -227,6 +228,7 @@ def predict_async() -> Response:
     svc = services()
     payload = json_body()
     model = svc.model.current()
+    g.log_fields["model_version"] = model.identity.version
     decoded = decode(payload, model, svc.settings.min_stations)
     digest = decoded.digest()
     job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id)[0]
@@ -272,6 +274,7 @@ def _batch(*, wait: bool) -> Response:
         raise InvalidInput("'items' is empty; send at least one predict request", field="items")
 
     model = svc.model.current()
+    g.log_fields["model_version"] = model.identity.version
     answered: dict[int, Item] = {}
     valid: list[tuple[int, DecodedRequest, str]] = []
     for index, item in enumerate(items):
