@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -94,6 +95,15 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     """Log level of the service's own loggers."""
+
+    log_format: Literal["logfmt", "json"] = "logfmt"
+    """Log line format of the API and the worker: ``key=value`` pairs or one JSON object."""
+
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the worker's Prometheus endpoint (all pool children summed); 0 turns it off."""
+
+    worker_metrics_bind: str = "0.0.0.0"
+    """Address the worker's Prometheus endpoint listens on."""
 
     @field_validator("log_level")
     @classmethod

@@ -15,6 +15,6 @@ app.config_from_object("celeryconfig")
 
 # Imported for their registrations (tasks, signal handlers, control commands);
 # they need `app` above, hence after it.
-from tasks import control, logs, model, predict, transport  # noqa: E402
+from tasks import control, logs, metrics, model, predict, transport  # noqa: E402
 
-__all__ = ["app", "control", "logs", "model", "predict", "transport"]
+__all__ = ["app", "control", "logs", "metrics", "model", "predict", "transport"]
