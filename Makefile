@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
+# Every dependency of the service and its test tools, pinned (`make lock` rebuilds it).
+# torch stays out of it: the train extra pins torch==2.13.0 on its own.
+LOCK := requirements/dev.lock
 
 .DEFAULT_GOAL := help
 
@@ -15,12 +18,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@
 
-$(TRAIN_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,train]'
+$(TRAIN_STAMP): pyproject.toml $(LOCK) $(STAMP)
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev,train]'
 	@touch $@
 
 install: $(STAMP) ## Create .venv and install the service with the test tools
@@ -35,9 +39,11 @@ register: $(STAMP) ## Register the shipped model in the registry (idempotent)
 run: install redis register ## Set up and run API + worker + Flower in the foreground (Ctrl-C stops)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f deploy/Procfile -d . start
 
-test: install-train ## Install everything and run the whole test suite
+test: install-train ## Install everything and run the whole test suite (with coverage)
 	@bash deploy/ensure-redis.sh --binary-only
-	$(BIN)/python -m pytest
+	@bash deploy/ensure-tools.sh
+	rm -f .coverage .coverage.*
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=json:var/coverage.json
 
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
@@ -57,7 +63,14 @@ evaluate: install ## Model vs baseline on 2000 held-out simulated scenes
 bench: install redis register ## Load test against a running service (see benchmarks/README.md)
 	$(BIN)/python -m benchmarks.load --url http://127.0.0.1:8000
 
-clean: ## Remove local state (var/) and caches, keep .venv
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+lock: install ## Re-resolve requirements/dev.lock from pyproject.toml (newest allowed versions)
+	$(BIN)/pip-compile --quiet --upgrade --extra dev --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
 
-.PHONY: help install install-train redis register run test lint format train evaluate bench clean
+audit: install ## pip-audit the locked dependencies (PyPI advisories); triage in docs/operations.md
+	$(BIN)/pip-audit --requirement $(LOCK) --no-deps --disable-pip --strict --progress-spinner off
+
+clean: ## Remove local state (var/) and caches, keep .venv
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+
+.PHONY: help install install-train redis register run test lint format train evaluate bench lock audit clean
