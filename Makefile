@@ -18,9 +18,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The project itself is installed constrained by the lock, not with --no-deps: a
+# dependency added to pyproject.toml but not locked yet still installs (unpinned).
 $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/pip install --quiet -r $(LOCK)
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev]'
 	@touch $@
 
 $(TRAIN_STAMP): pyproject.toml $(LOCK) $(STAMP)
