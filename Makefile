@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
+# Every dependency of the service and its test tools, pinned (`make lock` rebuilds it).
+# torch stays out of it: the train extra pins torch==2.13.0 on its own.
+LOCK := requirements/dev.lock
 
 .DEFAULT_GOAL := help
 
@@ -15,12 +18,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+# The project itself is installed constrained by the lock, not with --no-deps: a
+# dependency added to pyproject.toml but not locked yet still installs (unpinned).
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev]'
 	@touch $@
 
-$(TRAIN_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,train]'
+$(TRAIN_STAMP): pyproject.toml $(LOCK) $(STAMP)
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev,train]'
 	@touch $@
 
 install: $(STAMP) ## Create .venv and install the service with the test tools
@@ -42,9 +48,11 @@ run: install redis register ## Set up and run API + worker + Flower in the foreg
 	mkdir -p "$$HEIMDALL_RUN_DIR"; \
 	exec $(BIN)/supervisord -c deploy/supervisord.conf
 
-test: install-train ## Install everything and run the whole test suite
+test: install-train ## Install everything and run the whole test suite (with coverage)
 	@bash deploy/ensure-redis.sh --binary-only
-	$(BIN)/python -m pytest
+	@bash deploy/ensure-tools.sh
+	rm -f .coverage .coverage.*
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=json:var/coverage.json
 
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
@@ -55,10 +63,10 @@ format: install ## Format the code with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-train: install-train ## Re-train the shipped model from simulated scenes (~5 min on 2 cores)
+train: install-train ## Re-train the shipped model from simulated scenes (~10 min on 2 cores)
 	$(BIN)/heimdall train
 
-evaluate: install ## Model vs baseline on 2000 held-out simulated scenes
+evaluate: install ## Model vs baseline on every scene family (held-out, second law, clean, ...)
 	$(BIN)/heimdall evaluate --json
 
 BENCH_ARGS ?=
@@ -72,7 +80,14 @@ bench-quick: install ## The same benchmark as a smoke run: 3 s per pass, 8 conne
 	@bash benchmarks/ensure-wrk.sh
 	$(BIN)/python -m benchmarks.bench --quick --out var/bench-quick.json $(BENCH_ARGS)
 
-clean: ## Remove local state (var/) and caches, keep .venv
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+lock: install ## Re-resolve requirements/dev.lock from pyproject.toml (newest allowed versions)
+	$(BIN)/pip-compile --quiet --upgrade --extra dev --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
 
-.PHONY: help install install-train redis register run test lint format train evaluate bench bench-quick clean
+audit: install ## pip-audit the locked dependencies (PyPI advisories); triage in docs/operations.md
+	$(BIN)/pip-audit --requirement $(LOCK) --no-deps --disable-pip --strict --progress-spinner off
+
+clean: ## Remove local state (var/) and caches, keep .venv
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+
+.PHONY: help install install-train redis register run test lint format train evaluate bench bench-quick lock audit clean

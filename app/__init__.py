@@ -43,7 +43,7 @@ def _add_security_headers(response: Response) -> Response:
 def create_app(config: Settings | None = None) -> Flask:
     """Build the API for ``config`` (default: settings from the environment)."""
     settings = config if config is not None else get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     app = Flask(__name__)
     # Werkzeug answers 413 on its own once a body passes this many bytes.

@@ -221,6 +221,7 @@ def predict() -> Response:
     timeout_s = wait_budget(svc.settings.predict_timeout_s)
     model = svc.model.current()
     name, version = model.identity.name, model.identity.version
+    g.log_fields["model_version"] = version
     # A repeated body is answered from its bytes' digest, before any parsing
     # or decoding: a hit costs one hash and one GET.
     body_digest = hashlib.sha256(raw).hexdigest()
@@ -265,6 +266,7 @@ def predict_async() -> Response:
     svc = services()
     payload = json_body()
     model = svc.model.current()
+    g.log_fields["model_version"] = model.identity.version
     decoded = decode(payload, model, svc.settings.min_stations)
     digest = decoded.digest()
     job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id)[0]
@@ -312,6 +314,7 @@ def _batch(*, wait: bool) -> Response:
         raise InvalidInput("'items' is empty; send at least one predict request", field="items")
 
     model = svc.model.current()
+    g.log_fields["model_version"] = model.identity.version
     answered: dict[int, Item] = {}
     valid: list[tuple[int, DecodedRequest, str]] = []
     for index, item in enumerate(items):

@@ -1,7 +1,10 @@
-"""Structured log lines for the API: ``key=value`` pairs, one event per line.
+"""Structured log lines of the API and the worker: one event per line.
 
-Only the ``heimdall`` logger tree is configured; the root logger is left to
-whoever runs the process (gunicorn, pytest).
+Two renderings of the same fields (``HEIMDALL_LOG_FORMAT``): ``logfmt``
+(``key=value`` pairs, the default) and ``json`` (one object a line, for a log
+shipper). Only named logger trees are configured (``heimdall``, and
+``celery`` in the worker); the root logger is left to whoever runs the process
+(gunicorn, pytest). The worker uses the same formatters (tasks/logs.py).
 """
 
 from __future__ import annotations
@@ -12,44 +15,14 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-_RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+from heimdall.logformat import make_formatter
 
 
-def _render(value: Any) -> str:
-    text = (
-        "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    )
-    if not text or any(c in text for c in ' "=\n\t'):
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
-    return text
-
-
-class KeyValueFormatter(logging.Formatter):
-    """``ts=... level=... logger=... event=... k=v ...`` with the record's extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Render the record as one ``key=value`` line."""
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        pairs: list[tuple[str, Any]] = [
-            ("ts", f"{ts}.{int(record.msecs):03d}Z"),
-            ("level", record.levelname),
-            ("logger", record.name),
-            ("event", record.getMessage()),
-        ]
-        pairs.extend((k, v) for k, v in record.__dict__.items() if k not in _RESERVED)
-        line = " ".join(f"{k}={_render(v)}" for k, v in pairs)
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, log_format: str = "logfmt") -> None:
     """Give the ``heimdall`` loggers a level and, when nothing else logs, a stderr handler.
 
     Under pytest (or any host that configured the root logger) records simply
@@ -61,7 +34,7 @@ def configure_logging(level: str) -> None:
     if logger.handlers or logging.getLogger().handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
+    handler.setFormatter(make_formatter(log_format))
     logger.addHandler(handler)
 
 

@@ -1,36 +1,68 @@
-"""Prometheus metrics of the API: per-route HTTP metrics plus Heimdall's own counters.
+"""Prometheus metrics of the API: per-route HTTP metrics plus Heimdall's own.
 
 Under gunicorn every worker process counts on its own, so the exporter runs in
 prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set and
 wiped by deploy/gunicorn.conf.py) and ``/metrics`` on any worker aggregates
 them all. Without that variable (tests, ``flask run``) each app gets a private
 registry, so several apps can live in one process.
+
+The per-request figures (latency by outcome, in-flight, jobs, batch sizes,
+traffic per model version) are taken in request hooks from what the views left
+in ``g.log_fields`` (``cached``, ``job_id``, ``items``, ``model_version``) and
+from the response status, so the views only say what happened, once, for the
+logs and the metrics alike. Every label value is from a closed set (outcome,
+endpoint, kind, state) or from the registry's model versions.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from typing import Any
 
-from flask import Flask
-from prometheus_client import CollectorRegistry, Counter
+from celery import signals
+from flask import Flask, Response, g, request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
+
+SENT_AT_HEADER = "heimdall_sent_at"
+"""Task message header: epoch seconds when the API published it (the worker's queue wait)."""
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+PREDICT_ENDPOINTS = {
+    "api.predict": ("predict", True),
+    "api.predict_async": ("predict", False),
+    "api.predict_batch": ("batch", True),
+    "api.predict_batch_async": ("batch", False),
+}
+"""Flask endpoint -> (job kind, whether the request waits for the answer)."""
+
+OUTCOMES = ("cached", "computed", "timeout", "error", "fallback")
 
 
 @dataclass(frozen=True)
 class ApiMetrics:
-    """Heimdall's counters (the HTTP request metrics come from the exporter)."""
+    """Heimdall's own metrics (the HTTP request metrics come from the exporter)."""
 
     cache_hits: Counter
     cache_misses: Counter
     cache_errors: Counter
     dispatch_timeouts: Counter
     prediction_errors: Counter
+    predict_latency: Histogram
+    in_flight: Gauge
+    jobs_submitted: Counter
+    jobs_finished: Counter
+    batch_items: Histogram
+    model_requests: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ApiMetrics:
-        """Counters registered in ``registry``."""
+        """Metrics registered in ``registry``."""
         return cls(
             cache_hits=Counter(
                 "heimdall_cache_hits",
@@ -59,6 +91,45 @@ class ApiMetrics:
                 ["type"],
                 registry=registry,
             ),
+            predict_latency=Histogram(
+                "heimdall_predict_duration_seconds",
+                "End-to-end time of synchronous prediction requests in the API, by outcome "
+                "(cached, computed, timeout, error, fallback).",
+                ["endpoint", "outcome"],
+                buckets=LATENCY_BUCKETS_S,
+                registry=registry,
+            ),
+            in_flight=Gauge(
+                "heimdall_requests_in_flight",
+                "HTTP requests being served right now (all API processes).",
+                registry=registry,
+                multiprocess_mode="livesum",
+            ),
+            jobs_submitted=Counter(
+                "heimdall_jobs_submitted",
+                "Jobs handed to the workers, by kind (predict, batch).",
+                ["kind"],
+                registry=registry,
+            ),
+            jobs_finished=Counter(
+                "heimdall_jobs_finished",
+                "Jobs a synchronous request waited for, by kind and how the wait ended "
+                "(succeeded, failed, timeout: still running, answered 202).",
+                ["kind", "state"],
+                registry=registry,
+            ),
+            batch_items=Histogram(
+                "heimdall_batch_items",
+                "Items per batch request.",
+                buckets=BATCH_BUCKETS,
+                registry=registry,
+            ),
+            model_requests=Counter(
+                "heimdall_model_requests",
+                "Prediction requests by served model version and result (ok, error).",
+                ["model_version", "result"],
+                registry=registry,
+            ),
         )
 
 
@@ -68,7 +139,7 @@ def multiprocess_mode() -> bool:
 
 
 def init_metrics(app: Flask) -> tuple[PrometheusMetrics, ApiMetrics]:
-    """Attach the exporter (``/metrics``, per-route latency/count) and create the counters."""
+    """Attach the exporter (``/metrics``, per-route latency/count), create and hook ours."""
     common = {
         "group_by": "url_rule",
         "default_labels": {"service": "heimdall-api"},
@@ -85,7 +156,70 @@ def init_metrics(app: Flask) -> tuple[PrometheusMetrics, ApiMetrics]:
         exporter = PrometheusMetrics(app, registry=registry, **common)
         counters = ApiMetrics.create(registry)
     exporter.info("heimdall_api_info", "Heimdall Inference API", version=_package_version())
+    _install_hooks(app, counters)
     return exporter, counters
+
+
+def request_outcome(status: int, cached: bool, fallback: bool) -> str:
+    """The outcome label of one synchronous prediction request."""
+    if status >= 400:
+        return "error"
+    if status == 202:
+        return "timeout"
+    if fallback:
+        return "fallback"
+    return "cached" if cached else "computed"
+
+
+def _install_hooks(app: Flask, metrics: ApiMetrics) -> None:
+    @app.before_request
+    def _enter() -> None:
+        if request.endpoint == "prometheus_metrics":
+            return  # a scrape would always see itself
+        metrics.in_flight.inc()
+        g.metrics_started = time.perf_counter()
+
+    @app.teardown_request
+    def _leave(exc: BaseException | None = None) -> None:
+        if g.pop("metrics_started", None) is not None:
+            metrics.in_flight.dec()
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        started = g.get("metrics_started")
+        kind_wait = PREDICT_ENDPOINTS.get(request.endpoint or "")
+        if started is None or kind_wait is None:
+            return response
+        kind, waits = kind_wait
+        fields: dict[str, Any] = g.get("log_fields") or {}
+        status = response.status_code
+        job_id = fields.get("job_id")
+        items = fields.get("items")
+        if kind == "batch" and isinstance(items, int):
+            metrics.batch_items.observe(items)
+        if job_id:
+            metrics.jobs_submitted.labels(kind=kind).inc()
+        result = "error" if status >= 400 else "ok"
+        version = str(fields.get("model_version") or "none")
+        metrics.model_requests.labels(model_version=version, result=result).inc()
+        if not waits:
+            return response
+        outcome = request_outcome(status, bool(fields.get("cached")), bool(g.get("fallback")))
+        endpoint = request.endpoint.removeprefix("api.") if request.endpoint else "unknown"
+        metrics.predict_latency.labels(endpoint=endpoint, outcome=outcome).observe(
+            time.perf_counter() - started
+        )
+        if job_id:
+            state = {"timeout": "timeout", "error": "failed"}.get(outcome, "succeeded")
+            metrics.jobs_finished.labels(kind=kind, state=state).inc()
+        return response
+
+
+@signals.before_task_publish.connect
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Stamp every task the API publishes, so the worker can measure its queue wait."""
+    if headers is not None:
+        headers.setdefault(SENT_AT_HEADER, time.time())
 
 
 def _package_version() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
@@ -128,6 +129,15 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     """Log level of the service's own loggers."""
+
+    log_format: Literal["logfmt", "json"] = "logfmt"
+    """Log line format of the API and the worker: ``key=value`` pairs or one JSON object."""
+
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the worker's Prometheus endpoint (all pool children summed); 0 turns it off."""
+
+    worker_metrics_bind: str = "0.0.0.0"
+    """Address the worker's Prometheus endpoint listens on."""
 
     @field_validator("log_level")
     @classmethod

@@ -30,6 +30,6 @@ app.conf.update(
 
 # Imported for their registrations (tasks, signal handlers, control commands);
 # they need `app` above, hence after it.
-from tasks import control, logs, model, pool, predict, transport  # noqa: E402
+from tasks import control, logs, metrics, model, pool, predict, transport  # noqa: E402
 
-__all__ = ["app", "control", "logs", "model", "pool", "predict", "transport"]
+__all__ = ["app", "control", "logs", "metrics", "model", "pool", "predict", "transport"]

@@ -18,10 +18,12 @@ import pytest
 import yaml
 from flask import Flask
 from honcho.environ import parse as parse_dotenv
+from prometheus_client import CollectorRegistry
 from pydantic import AliasChoices
 
 from app.metrics import init_metrics
 from heimdall.config import Settings
+from tasks.metrics import RedisCollector, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -192,10 +194,11 @@ def test_compose_heimdall_services_share_image_and_env_anchor() -> None:
     services = doc["services"]
     env = doc["x-heimdall-env"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    for name in ("api", "worker", "register"):
+    for name in ("api", "register"):
         assert services[name]["environment"] == env, name
-    flower_env = services["flower"]["environment"]
-    assert {k: v for k, v in flower_env.items() if k in env} == env
+    for name in ("worker", "flower"):
+        own = services[name]["environment"]
+        assert {k: v for k, v in own.items() if k in env} == env, name
     images = {services[name]["image"] for name in ("api", "worker", "flower", "register")}
     assert len(images) == 1
     assert services["api"]["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -245,7 +248,11 @@ def test_prometheus_scrapes_api_and_flower() -> None:
         for job in config["scrape_configs"]
     }
     assert targets["heimdall-api"] == ["api:8000"]
+    assert targets["heimdall-worker"] == ["worker:9808"]
     assert targets["flower"] == ["flower:5555"]
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+    worker_env = load_compose()["services"]["worker"]["environment"]
+    assert worker_env["HEIMDALL_WORKER_METRICS_PORT"] == "9808"
 
 
 def test_grafana_provisioning_parses() -> None:
@@ -270,6 +277,10 @@ def test_dashboard_queries_metrics_the_api_exports(clean_env: pytest.MonkeyPatch
     exporter, counters = init_metrics(app)
     counters.dispatch_timeouts.labels(endpoint="predict").inc()
     counters.prediction_errors.labels(type="invalid-iq").inc()
+    counters.predict_latency.labels(endpoint="predict", outcome="computed").observe(0.1)
+    counters.jobs_submitted.labels(kind="predict").inc()
+    counters.jobs_finished.labels(kind="predict", state="succeeded").inc()
+    counters.model_requests.labels(model_version="1", result="ok").inc()
     app.test_client().post("/api/v1/predict")
     exported: dict[str, set[str]] = {}
     for metric in exporter.registry.collect():
@@ -296,6 +307,37 @@ def test_dashboard_queries_metrics_the_api_exports(clean_env: pytest.MonkeyPatch
                 assert label in exported[metric], f"{metric}: by {label}"
     flower_exprs = [e for e in exprs if 'job="flower"' in e]
     assert any("flower_events_total" in e for e in flower_exprs)
+
+
+def test_dashboard_queries_metrics_the_worker_exports() -> None:
+    # The worker's metrics in a private single-process registry, every labelled one
+    # touched, plus the names of the Redis figures read at scrape time.
+    registry = CollectorRegistry()
+    worker = WorkerMetrics.create(registry)
+    worker.tasks.labels(task="heimdall.predict", state="SUCCESS").inc()
+    worker.task_duration.labels(task="heimdall.predict").observe(0.1)
+    worker.queue_wait.labels(task="heimdall.predict").observe(0.1)
+    worker.items.labels(model_version="1", status="ok").inc()
+    worker.model_loads.labels(outcome="loaded", model_version="1").inc()
+    exported: dict[str, set[str]] = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            exported.setdefault(sample.name, set()).update(sample.labels)
+    exported["heimdall_worker_heartbeat_timestamp_seconds"] |= {"pid"}  # added by liveall
+    redis_figures = RedisCollector(Settings(redis_url="redis://127.0.0.1:1/0"), ["celery"])
+    for family in redis_figures.collect():
+        exported.setdefault(family.name, set()).update({"role", "queue"})
+
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "heimdall.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    worker_exprs = [e for e in exprs if 'job="heimdall-worker"' in e]
+    used = {metric for e in worker_exprs for metric, _ in re.findall(_SELECTOR, e)}
+    assert {"heimdall_worker_onnx_seconds_bucket", "heimdall_queue_length"} <= used
+    assert used <= set(exported), f"not exported: {sorted(used - set(exported))}"
+    for expr in worker_exprs:
+        for grouped, metric in re.findall(r"by \(([^)]*)\)\s*\((?:rate|increase)\((\w+)\{", expr):
+            for label in (x.strip() for x in grouped.split(",")):
+                assert label in exported[metric], f"{metric}: by {label}"
 
 
 # -- Kubernetes ----------------------------------------------------------------------------
