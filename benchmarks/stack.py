@@ -363,8 +363,11 @@ def spawn_stack(
         _say(f"workdir {workdir}")
         procs.append(_start_redis(workdir, redis_port))
         _say(f"redis-server on 127.0.0.1:{redis_port}")
-        # gunicorn boots while the registry is written: the API resolves the
-        # model per request (cached), so it needs the registry only at /ready.
+        identity = register_shipped_model(env, register_timeout_s)
+        _say(f"registered {identity['name']} v{identity['version']}@{identity['alias']}")
+        # gunicorn after the registry is written: its workers resolve the model
+        # at start, and two processes creating the same sqlite registry at once
+        # race in MLflow's schema migration.
         procs.append(
             _start(
                 "gunicorn",
@@ -377,10 +380,8 @@ def spawn_stack(
                 workdir,
             )
         )
-        identity = register_shipped_model(env, register_timeout_s)
-        _say(f"registered {identity['name']} v{identity['version']}@{identity['alias']}")
         # The worker resolves name@alias in its main process at start: after registering.
-        # Flags and log level as deploy/Procfile runs it, so logging costs are measured too.
+        # Flags and log level as deploy/supervisord.conf runs it, so logging costs count too.
         hostname = f"bench-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         procs.append(
             _start(

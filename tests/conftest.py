@@ -52,8 +52,10 @@ WORKER_READY_TIMEOUT_S = 60.0
 # heartbeats) and the prediction cache are kept apart so a test can flush one
 # without breaking the others.
 BROKER_DB, RESULTS_DB, STATE_DB, CACHE_DB = 0, 1, 2, 6
-# A second, isolated service (e.g. a worker with an empty registry) uses these.
+# A second, isolated service (e.g. a worker with an empty registry) uses these
+# (state in ALT_CACHE_DB, prediction cache in ALT_PREDICTIONS_DB).
 ALT_BROKER_DB, ALT_RESULTS_DB, ALT_CACHE_DB = 3, 4, 5
+ALT_PREDICTIONS_DB = 16
 
 _ENV_PREFIXES = ("HEIMDALL_", "CELERY_", "MLFLOW_", "FLOWER_")
 
@@ -108,7 +110,7 @@ class RedisServer:
                     "--appendonly", "no",
                     "--dir", str(self.workdir),
                     "--dbfilename", "dump.rdb",
-                    "--databases", "16",
+                    "--databases", "32",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -102,7 +102,7 @@ def test_a_request_that_kills_its_child_is_failed_not_requeued_forever(
     worker = worker_factory(
         "poison-worker@%h", env_overrides={"HEIMDALL_MAX_TASK_ATTEMPTS": "1"}, queues="poison"
     )
-    chunk = _long_chunk(make_job, 7000, 60)
+    chunk = _long_chunk(make_job, 87000, 60)
     result = celery_client.send_task(contract.CHUNK_TASK, args=[chunk], queue="poison")
 
     os.kill(_started_pid(result), signal.SIGKILL)
@@ -133,7 +133,7 @@ def test_a_hard_killed_worker_task_is_redelivered_within_a_minute(
     overrides = {"HEIMDALL_TASK_TIME_LIMIT_S": "10"}
     worker = worker_factory("crash-worker@%h", env_overrides=overrides, queues="crash")
     result = celery_client.send_task(
-        contract.CHUNK_TASK, args=[_long_chunk(make_job, 7100, 30)], queue="crash"
+        contract.CHUNK_TASK, args=[_long_chunk(make_job, 87100, 30)], queue="crash"
     )
     _started_pid(result)
 
@@ -159,7 +159,7 @@ def test_warm_shutdown_then_restart_loses_no_queued_job(
 ) -> None:
     worker = worker_factory("term-worker@%h", queues="term")
     results = [
-        celery_client.send_task(contract.PREDICT_TASK, args=[make_job(7200 + i)], queue="term")
+        celery_client.send_task(contract.PREDICT_TASK, args=[make_job(87200 + i)], queue="term")
         for i in range(20)
     ]
 
@@ -186,7 +186,7 @@ def test_registry_down_at_start_serves_the_last_verified_model(
 
     status = worker.status(timeout=5.0)
     answer = celery_client.send_task(
-        contract.PREDICT_TASK, args=[make_job(7300)], queue="fallback"
+        contract.PREDICT_TASK, args=[make_job(87300)], queue="fallback"
     ).get(timeout=ANSWER_TIMEOUT_S)
 
     assert status is not None
@@ -291,7 +291,7 @@ def test_redis_restart_under_load_loses_no_job(
     celery_worker_proc: Any,
 ) -> None:
     client = create_app(app_settings).test_client()
-    bodies = [request_factory(7400 + i) for i in range(8)]
+    bodies = [request_factory(87400 + i) for i in range(8)]
     outcomes: list[tuple[int, str, float, str | None]] = []
     stop = threading.Event()
 
@@ -359,7 +359,7 @@ def test_sync_answers_and_payloads_leave_no_state_behind(
 ) -> None:
     client = create_app(app_settings).test_client()
     card = ModelCard.load(shipped_model_dir() / CARD_FILENAME)
-    bodies = [request_factory(7500 + i) for i in range(5)]
+    bodies = [request_factory(87500 + i) for i in range(5)]
     digests = [
         decode_request(
             body,
@@ -428,7 +428,7 @@ def test_reload_to_an_unservable_model_under_load_keeps_the_old_one(
     def stream() -> None:
         i = 0
         while not stop.is_set():
-            job = make_job(7600 + i % 6)  # each job owns its payload, as the API's do
+            job = make_job(87600 + i % 6)  # each job owns its payload, as the API's do
             result = celery_client.send_task(contract.PREDICT_TASK, args=[job], queue="reload")
             answers.append(result.get(timeout=ANSWER_TIMEOUT_S))
             i += 1

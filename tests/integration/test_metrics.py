@@ -30,7 +30,13 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ALT_BROKER_DB, ALT_CACHE_DB, ALT_RESULTS_DB, RedisServer
+from tests.conftest import (
+    ALT_BROKER_DB,
+    ALT_CACHE_DB,
+    ALT_PREDICTIONS_DB,
+    ALT_RESULTS_DB,
+    RedisServer,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -114,12 +120,14 @@ def stack(
 ) -> Iterator[Stack]:
     """gunicorn (2 workers) + a worker (2 children) on databases no other worker reads."""
     workdir = tmp_path_factory.mktemp("metrics-stack")
-    for db in (ALT_BROKER_DB, ALT_RESULTS_DB, ALT_CACHE_DB):
+    for db in (ALT_BROKER_DB, ALT_RESULTS_DB, ALT_CACHE_DB, ALT_PREDICTIONS_DB):
         redis_server.client(db).flushdb()
     isolated = {
         "CELERY_BROKER_URL": redis_server.url_for(ALT_BROKER_DB),
         "CELERY_RESULT_BACKEND": redis_server.url_for(ALT_RESULTS_DB),
         "HEIMDALL_REDIS_URL": redis_server.url_for(ALT_CACHE_DB),
+        # Its own prediction cache: answers cached by earlier tests must not count.
+        "HEIMDALL_CACHE_REDIS_URL": redis_server.url_for(ALT_PREDICTIONS_DB),
         "HEIMDALL_PREDICT_TIMEOUT_S": "30",
     }
     worker_port = _free_port()
