@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import psutil
@@ -451,7 +451,24 @@ def measure(
 # -- slow clients and probes --------------------------------------------------------------
 
 
-class SlowClients:
+class _ThreadGroup:
+    """Background threads started on ``with`` entry, stopped and joined on exit."""
+
+    stop: threading.Event
+    _threads: list[threading.Thread]
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=PROBE_TIMEOUT_S + 2)
+
+
+class SlowClients(_ThreadGroup):
     """Connections that trickle their request one byte a second (reconnecting when dropped).
 
     Even-numbered ones never finish their headers; odd ones send complete headers
@@ -487,18 +504,8 @@ class SlowClients:
             except OSError:
                 self.stop.wait(0.5)
 
-    def __enter__(self) -> SlowClients:
-        for thread in self._threads:
-            thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(timeout=PROBE_TIMEOUT_S + 2)
-
-
-class Probes:
+class Probes(_ThreadGroup):
     """``GET /health`` every 0.2 s and ``GET /ready`` every 1 s, each on a new connection."""
 
     def __init__(self, base_url: str) -> None:
@@ -524,16 +531,6 @@ class Probes:
                 latency = None  # no answer within the timeout
             self.results[path].append(latency)
             self.stop.wait(max(0.0, PROBE_INTERVAL_S[path] - (time.perf_counter() - started)))
-
-    def __enter__(self) -> Probes:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(timeout=PROBE_TIMEOUT_S + 2)
 
     def summary(self) -> dict[str, Any]:
         """Per path: probes, unanswered (error or timeout), share within 100 ms, percentiles."""
