@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -127,6 +127,21 @@ class Settings(BaseSettings):
     onnx_inter_op_threads: int = Field(default=1, ge=1)
     """onnxruntime inter-op threads per worker child."""
 
+    extra_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["challenger"])
+    """Versions each worker holds besides ``model_alias`` (the champion): aliases or
+    version numbers, comma-separated in ``HEIMDALL_EXTRA_MODELS``. One that does not
+    resolve is skipped (logged), never fatal; only these can receive traffic."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token of the state-changing endpoints (reload, traffic, promote, truth);
+    unset: they answer 403."""
+
+    truth_window_s: int = Field(default=21_600, gt=0)
+    """How long a computed prediction can still be scored against ground truth, seconds."""
+
+    drain_s: float = Field(default=5.0, ge=0)
+    """On SIGTERM the API answers /ready 503 for this long before it stops accepting."""
+
     log_level: str = "INFO"
     """Log level of the service's own loggers."""
 
@@ -138,6 +153,13 @@ class Settings(BaseSettings):
 
     worker_metrics_bind: str = "0.0.0.0"
     """Address the worker's Prometheus endpoint listens on."""
+
+    @field_validator("extra_models", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("log_level")
     @classmethod

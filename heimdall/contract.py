@@ -24,6 +24,11 @@ CHUNK_TASK = "heimdall.predict_chunk"
 """Several batch items in one ONNX run: ``([job, ...]) -> [item, ...]``."""
 COLLECT_TASK = "heimdall.collect_batch"
 """Chord callback: ``([[item, ...], ...], meta) -> batch document``."""
+SHADOW_TASK = "heimdall.shadow"
+"""A copy of a request for a shadow version: ``(job, primary_job_id) -> None``.
+
+Computed and recorded under :func:`shadow_key` (and in the worker's metrics),
+never returned to a client."""
 
 MODEL_STATUS_COMMAND = "heimdall_model_status"
 RELOAD_COMMAND = "heimdall_reload_model"
@@ -35,6 +40,23 @@ ATTEMPTS_PREFIX = "heimdall:attempts:"
 PREDICTION_PREFIX = "heimdall:pred:"
 BODY_PREFIX = "heimdall:body:"
 INFLIGHT_PREFIX = "heimdall:inflight:"
+TRAFFIC_KEY = "heimdall:traffic"
+"""The traffic policy (JSON, no TTL) every API process routes by; absent: all to the champion."""
+SHADOW_PREFIX = "heimdall:shadow:"
+SCORED_PREFIX = "heimdall:scored:"
+TRUTH_PREFIX = "heimdall:truth:"
+PERF_PREFIX = "heimdall:perf:"
+
+# Fields of a job message (what the API sends a prediction task for one request).
+MSG_PAYLOAD_KEY, MSG_PAYLOAD_B64, MSG_REQUEST_ID = "payload_key", "payload_b64", "request_id"
+MSG_VERSION, MSG_ALIAS = "version", "alias"
+"""The registry version the traffic policy chose for this request, and the alias or
+explicit version (``"7"``) it was chosen as. Absent (older API): the worker's champion."""
+
+# Fields a worker adds to every prediction result it computes.
+RESULT_FALLBACK, RESULT_FALLBACK_REASON = "fallback", "fallback_reason"
+"""``fallback: true`` when the chosen version could not answer and the champion did;
+``fallback_reason`` then says why (else null)."""
 
 # Fields of a job record (a Redis hash under job_key). The API writes the
 # first group when it dispatches; the worker adds the outcome when it is done,
@@ -85,6 +107,35 @@ def body_key(model_name: str, version: str, body_sha256: str) -> str:
 def inflight_key(model_name: str, version: str, digest: str) -> str:
     """``heimdall:inflight:{model_name}:{version}:{sha256}``: the job computing this input now."""
     return f"{INFLIGHT_PREFIX}{model_name}:{version}:{digest}"
+
+
+def shadow_key(job_id: str) -> str:
+    """``heimdall:shadow:{job_id}``: hash, field = version, value = that shadow version's result.
+
+    Kept ``truth_window_s``, so ground truth posted later also scores the shadows.
+    """
+    return f"{SHADOW_PREFIX}{job_id}"
+
+
+def scored_key(job_id: str) -> str:
+    """``heimdall:scored:{job_id}``: the compact prediction ground truth is scored against.
+
+    A hash written by the worker with the outcome of ``heimdall.predict``: fields
+    ``version``, ``alias``, ``latitude``, ``longitude``, ``covariance_m2`` (JSON
+    ``[[ee, en], [ne, nn]]`` in m² east/north), ``fallback``, ``at``; kept
+    ``truth_window_s`` (the job record itself may expire within a minute).
+    """
+    return f"{SCORED_PREFIX}{job_id}"
+
+
+def truth_key(model_name: str, version: str) -> str:
+    """``heimdall:truth:{model_name}:{version}``: scored predictions (JSON list), newest first."""
+    return f"{TRUTH_PREFIX}{model_name}:{version}"
+
+
+def perf_key(model_name: str, version: str) -> str:
+    """``heimdall:perf:{model_name}:{version}``: hash of live counters of one version."""
+    return f"{PERF_PREFIX}{model_name}:{version}"
 
 
 def new_job_id() -> str:
