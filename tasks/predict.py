@@ -66,13 +66,13 @@ def _fetch_payload(key: str) -> bytes | None:
 
 
 class PredictionTask(Task):
-    """Base of the prediction tasks: their policy, attempt bound and clean-up."""
+    """Base of the prediction tasks: their attempt bound and clean-up.
 
-    acks_late = True
-    time_limit = _settings.task_time_limit_s
-    soft_time_limit = max(1.0, 0.8 * _settings.task_time_limit_s)
-    serializer = "json"
-    ignore_result = False
+    Their policy (acks, time limits, serializer, results) is declared once, per
+    task name, in ``celeryconfig.task_policy`` and set on each task by Celery
+    (``task_annotations``).
+    """
+
     job_kind: str | None = None
     """Kind written into the job record with the outcome; None: the task has no record."""
 
