@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -70,35 +70,8 @@ class Finished:
     date_done: Any = None
 
 
-@dataclass
-class JobRecord:
-    """A job as the API dispatched it, with the worker's outcome once there is one."""
-
-    job_id: str
-    kind: str
-    created_at: float
-    request_id: str | None
-    digests: dict[str, str] = field(default_factory=dict)
-    """Input digest of each dispatched item (``"0"`` for a single prediction)."""
-    outcome: Any = None
-    """What the task returned (item or batch document), None while not finished."""
-    finished_at: float | None = None
-
-    @classmethod
-    def from_hash(cls, job_id: str, raw: dict[Any, Any]) -> JobRecord:
-        """Parse the stored hash (bytes or str fields)."""
-        data = {_text(k): _text(v) for k, v in raw.items()}
-        outcome = data.get(contract.JOB_OUTCOME)
-        finished_at = data.get(contract.JOB_FINISHED_AT)
-        return cls(
-            job_id=job_id,
-            kind=data.get(contract.JOB_KIND, "predict"),
-            created_at=float(data.get(contract.JOB_CREATED_AT) or 0.0),
-            request_id=data.get(contract.JOB_REQUEST_ID) or None,
-            digests=json.loads(data.get(contract.JOB_DIGESTS) or "{}"),
-            outcome=json.loads(outcome) if outcome else None,
-            finished_at=float(finished_at) if finished_at else None,
-        )
+class JobRecord(contract.JobRecord):
+    """A job's record (:class:`heimdall.contract.JobRecord`), as the API reads its outcome."""
 
     def finished(self) -> Finished | None:
         """The outcome as a finished task, None while the worker has not recorded one."""
