@@ -185,7 +185,7 @@ class OkItem(TypedDict):
 
     status: Literal["ok"]
     result: dict[str, Any]
-    """The Localization document (docs/api.md)."""
+    """The ``Localization`` document of the OpenAPI description."""
     cached: NotRequired[bool]
     """Set by the API: answered from the prediction cache."""
 
