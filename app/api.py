@@ -24,6 +24,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 from app.dispatch import Finished, JobRecord, job_status
 from app.errors import RemoteProblem, WorkerFailure, problem_type_slug
 from app.services import Services, services
+from heimdall import batch
 from heimdall.errors import (
     HeimdallError,
     InvalidInput,
@@ -174,29 +175,10 @@ def batch_document(
     """The API's batch document from ``collect_batch``'s (items in order, counts)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("items"), list):
         raise WorkerFailure(f"batch job {job_id} returned no item list; it has been logged")
-    items = []
-    for position, item in enumerate(raw["items"]):
-        index = int(item.get("index", position))
-        if item.get("status") == "ok":
-            entry = _item("ok", item.get("result") or {}, bool(item.get("cached", False)))
-        else:
-            entry = _item("error", item.get("problem") or {}, False)
-        items.append({"index": index, **entry})
-    items.sort(key=lambda it: it["index"])
-    succeeded = sum(1 for it in items if it["status"] == "ok")
-    counts = {
-        "total": len(items),
-        "succeeded": succeeded,
-        "failed": len(items) - succeeded,
-        "cached": sum(1 for it in items if it["cached"]),
-    }
-    return {
-        "items": items,
-        "counts": counts,
-        "elapsed_ms": None if elapsed_ms is None else round(elapsed_ms, 3),
-        "request_id": request_id,
-        "job_id": job_id,
-    }
+    document = batch.batch_document(
+        raw["items"], job_id=job_id, request_id=request_id, elapsed_ms=elapsed_ms
+    )
+    return dict(document)
 
 
 def _cache_batch_results(

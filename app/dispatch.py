@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -27,6 +27,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import KombuError
 
+from celeryconfig import make_app
 from heimdall import contract
 from heimdall.config import Settings
 from heimdall.contract import CHUNK_TASK, COLLECT_TASK, PREDICT_TASK, job_key, new_job_id
@@ -44,34 +45,9 @@ _MAYBE_OUTAGE: tuple[type[BaseException], ...] = (*_BROKER_ERRORS, RuntimeError)
 _RUNNING_STATES = frozenset({"STARTED", "RETRY"})
 
 
-BACKEND_RETRY_POLICY = {
-    "max_retries": 2,
-    "interval_start": 0.0,
-    "interval_step": 0.2,
-    "interval_max": 0.5,
-}
-"""Reconnects to the result backend while a client waits. Celery's default (20 retries,
-1 s apart) would hold a request ~20 s when Redis is down; the API answers 503 instead."""
-
-
 def make_celery(settings: Settings) -> Celery:
-    """The API's Celery client: same ``celeryconfig`` as the worker, URLs from ``settings``."""
-    celery = Celery("heimdall-api", set_as_current=False)
-    celery.config_from_object("celeryconfig")
-    transport_options = dict(celery.conf.get("result_backend_transport_options") or {})
-    transport_options["retry_policy"] = BACKEND_RETRY_POLICY
-    # Celery lets CELERY_BROKER_URL / CELERY_RESULT_BACKEND in the environment win
-    # over broker_url / result_backend; the settings this app was given must win
-    # (they come from the same variables in production, not always in tests).
-    celery.conf.update(
-        broker_url=settings.broker_url,
-        broker_read_url=settings.broker_url,
-        broker_write_url=settings.broker_url,
-        result_backend=settings.result_backend,
-        result_backend_transport_options=transport_options,
-    )
-    celery.backend_cls = settings.result_backend
-    return celery
+    """The API's Celery client: the worker's configuration from ``settings``, client side."""
+    return make_app("heimdall-api", settings)
 
 
 def is_redis_outage(exc: BaseException) -> bool:
@@ -94,35 +70,8 @@ class Finished:
     date_done: Any = None
 
 
-@dataclass
-class JobRecord:
-    """A job as the API dispatched it, with the worker's outcome once there is one."""
-
-    job_id: str
-    kind: str
-    created_at: float
-    request_id: str | None
-    digests: dict[str, str] = field(default_factory=dict)
-    """Input digest of each dispatched item (``"0"`` for a single prediction)."""
-    outcome: Any = None
-    """What the task returned (item or batch document), None while not finished."""
-    finished_at: float | None = None
-
-    @classmethod
-    def from_hash(cls, job_id: str, raw: dict[Any, Any]) -> JobRecord:
-        """Parse the stored hash (bytes or str fields)."""
-        data = {_text(k): _text(v) for k, v in raw.items()}
-        outcome = data.get(contract.JOB_OUTCOME)
-        finished_at = data.get(contract.JOB_FINISHED_AT)
-        return cls(
-            job_id=job_id,
-            kind=data.get(contract.JOB_KIND, "predict"),
-            created_at=float(data.get(contract.JOB_CREATED_AT) or 0.0),
-            request_id=data.get(contract.JOB_REQUEST_ID) or None,
-            digests=json.loads(data.get(contract.JOB_DIGESTS) or "{}"),
-            outcome=json.loads(outcome) if outcome else None,
-            finished_at=float(finished_at) if finished_at else None,
-        )
+class JobRecord(contract.JobRecord):
+    """A job's record (:class:`heimdall.contract.JobRecord`), as the API reads its outcome."""
 
     def finished(self) -> Finished | None:
         """The outcome as a finished task, None while the worker has not recorded one."""

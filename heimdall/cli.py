@@ -207,16 +207,20 @@ def reload_outcome(replies: list[dict[str, Any]]) -> tuple[int, list[str]]:
     return (1 if failed else 0), lines
 
 
+def _celery_app() -> Any:
+    """A Celery client configured like the API's, from this process's settings."""
+    from celeryconfig import make_app
+
+    return make_app("heimdall-cli", get_settings())
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask every worker to re-resolve the alias and reload its model.
 
     Prints a line per worker (``--json``: the raw replies); exits non-zero when
     no worker replied or any replied ``ok: false``.
     """
-    from celery import Celery
-
-    app = Celery("heimdall-cli")
-    app.config_from_object("celeryconfig")
+    app = _celery_app()
     arguments = {"alias": args.alias} if args.alias else {}
     # Return as soon as every worker answered (the heartbeats say how many
     # there are) instead of always waiting out the timeout.

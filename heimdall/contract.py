@@ -4,6 +4,9 @@ Both sides import this module (the API never imports the worker code), so a
 rename on one side fails at import or in a test, not in production. Nothing
 here knows Flask or Celery.
 
+The message and record types at the end (TypedDicts: plain dicts on the
+wire, checked by mypy at both ends) are described in docs/contract.md.
+
 Where each key lives (see docs/reliability.md):
 
 * the **state** Redis (``HEIMDALL_REDIS_URL``: persistent, never evicts) holds
@@ -14,9 +17,12 @@ Where each key lives (see docs/reliability.md):
   canonical input and by raw body bytes.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: TypedDict reads ``NotRequired``
+# from evaluated annotations only (3.11), and the keys must be right at run time.
+import json
 import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, NotRequired, Self, TypedDict
 
 PREDICT_TASK = "heimdall.predict"
 """One request: ``(job) -> item``."""
@@ -141,3 +147,176 @@ def perf_key(model_name: str, version: str) -> str:
 def new_job_id() -> str:
     """A fresh job (Celery task) id."""
     return str(uuid.uuid4())
+
+
+# -- what crosses the boundary ---------------------------------------------------------------
+# JSON carries every one of these, so they are TypedDicts: the values on the
+# wire stay plain dicts, and mypy checks the code that builds and reads them.
+# Field names spelt by a constant above must match (tests/unit/test_contract.py).
+
+
+class JobMessage(TypedDict):
+    """What the API sends a prediction task for one request (each batch item too).
+
+    Exactly one of ``payload_key`` (the claim-check, :func:`payload_key`) and
+    ``payload_b64`` (the canonical request blob inline, when the state Redis
+    could not store it) is set.
+    """
+
+    payload_key: str | None
+    payload_b64: str | None
+    request_id: str
+    version: NotRequired[str]
+    """Registry version the traffic policy chose; absent: the worker's champion."""
+    alias: NotRequired[str]
+    """The alias or explicit version (``"7"``) that version was chosen as."""
+
+
+class IdentityRecord(TypedDict):
+    """A served model as records name it (``ModelIdentity.to_dict()``)."""
+
+    name: str
+    version: str
+    alias: str | None
+
+
+class OkItem(TypedDict):
+    """A localized request: the worker's answer, or the API's cache hit."""
+
+    status: Literal["ok"]
+    result: dict[str, Any]
+    """The ``Localization`` document of the OpenAPI description."""
+    cached: NotRequired[bool]
+    """Set by the API: answered from the prediction cache."""
+
+
+class ErrorItem(TypedDict):
+    """A request that failed with a domain error, as its problem document."""
+
+    status: Literal["error"]
+    problem: dict[str, Any]
+    """``{type, title, status, detail, ...}`` (``HeimdallError.to_problem()``)."""
+    cached: NotRequired[bool]
+
+
+PredictionItem = OkItem | ErrorItem
+"""What ``heimdall.predict`` returns, one element of ``heimdall.predict_chunk``'s list."""
+
+
+class BatchMeta(TypedDict):
+    """What the API sends ``heimdall.collect_batch`` besides the chunks' answers."""
+
+    total: int
+    """Number of items in the request."""
+    chunks: list[list[int]]
+    """For each dispatched chunk, in chord header order, the request index of each item."""
+    answered: dict[str, PredictionItem]
+    """Items answered before dispatch (cache hits, invalid items), by ``str(index)``."""
+    request_id: NotRequired[str]
+    started_at: NotRequired[float]
+    """Epoch seconds the API received the request."""
+
+
+class BatchItem(TypedDict):
+    """One item of a batch document: its request index and its answer."""
+
+    index: int
+    status: Literal["ok", "error"]
+    result: NotRequired[dict[str, Any]]
+    """When ``status`` is ``ok``."""
+    problem: NotRequired[dict[str, Any]]
+    """When ``status`` is ``error``."""
+    cached: bool
+
+
+class BatchCounts(TypedDict):
+    """Outcome counts of a batch; ``succeeded`` includes the cached items."""
+
+    total: int
+    succeeded: int
+    failed: int
+    cached: int
+
+
+class BatchDocument(TypedDict):
+    """A batch's answer: what ``collect_batch`` returns and what the API serves.
+
+    Built only by :func:`heimdall.batch.batch_document`.
+    """
+
+    items: list[BatchItem]
+    """In request order."""
+    counts: BatchCounts
+    elapsed_ms: float | None
+    """From the request's arrival to the answer; None until the API serves it."""
+    request_id: str | None
+    job_id: str | None
+    """The ``collect_batch`` task id; None when no worker was involved."""
+
+
+class HeartbeatRecord(TypedDict):
+    """One worker process's heartbeat: JSON under :func:`workers_key`, field ``{pid}``."""
+
+    state: str
+    """``starting`` | ``loaded`` | ``failed``."""
+    model: IdentityRecord | None
+    """The champion this process serves; None when it has no model."""
+    error: str | None
+    """Why it has no model, or why it serves the last verified one instead of the registry's."""
+    source: str | None
+    """Where the model came from: ``registry`` | ``local-fallback``."""
+    loaded_at: float | None
+    """Epoch seconds the model was loaded."""
+    at: float
+    """Epoch seconds of this write; older than ``heartbeat_timeout_s``: the process is gone."""
+    models: NotRequired[list[IdentityRecord]]
+    """Every version this process holds (champion first)."""
+    errors: NotRequired[dict[str, str]]
+    """Served targets (alias or version) that failed to load, and why."""
+
+
+JobOutcome = PredictionItem | BatchDocument
+"""What a job's task returned: ``heimdall.predict``'s item or ``collect_batch``'s document."""
+
+
+@dataclass
+class JobRecord:
+    """A job as the API dispatched it (hash under :func:`job_key`), with the worker's outcome.
+
+    The API writes ``kind``, ``created_at``, ``request_id`` and ``digests`` when
+    it dispatches; the worker adds ``kind``, ``outcome`` and ``finished_at``
+    (fields named by the ``JOB_*`` constants).
+    """
+
+    job_id: str
+    kind: str
+    """``predict`` | ``batch``."""
+    created_at: float
+    """Epoch seconds of the dispatch (0.0: unknown)."""
+    request_id: str | None
+    digests: dict[str, str] = field(default_factory=dict)
+    """Input digest of each dispatched item by ``str(index)`` (``"0"`` for a single prediction)."""
+    outcome: JobOutcome | None = None
+    """What the task returned, None while not finished."""
+    finished_at: float | None = None
+    """Epoch seconds the worker wrote the outcome."""
+
+    @classmethod
+    def from_hash(cls, job_id: str, raw: dict[Any, Any]) -> Self:
+        """Parse the stored hash (bytes or str fields)."""
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        outcome = data.get(JOB_OUTCOME)
+        finished_at = data.get(JOB_FINISHED_AT)
+        return cls(
+            job_id=job_id,
+            kind=data.get(JOB_KIND, "predict"),
+            created_at=float(data.get(JOB_CREATED_AT) or 0.0),
+            request_id=data.get(JOB_REQUEST_ID) or None,
+            digests=json.loads(data.get(JOB_DIGESTS) or "{}"),
+            outcome=json.loads(outcome) if outcome else None,
+            finished_at=float(finished_at) if finished_at else None,
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

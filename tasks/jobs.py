@@ -15,10 +15,17 @@ import base64
 import binascii
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from itertools import zip_longest
 from typing import TYPE_CHECKING, Any
 
-from heimdall.contract import PAYLOAD_PREFIX
+from heimdall import batch
+from heimdall.contract import (
+    PAYLOAD_PREFIX,
+    BatchDocument,
+    BatchMeta,
+    ErrorItem,
+    OkItem,
+    PredictionItem,
+)
 from heimdall.errors import (
     FrequencyOutOfBand,
     HeimdallError,
@@ -36,7 +43,7 @@ if TYPE_CHECKING:  # onnxruntime is imported only where a session is built
 
 PAYLOAD_KEY_PREFIX = PAYLOAD_PREFIX
 
-Item = dict[str, Any]
+Item = PredictionItem
 PayloadFetcher = Callable[[str], bytes | None]
 """Returns the blob stored under a Redis key, None when the key is absent."""
 
@@ -68,12 +75,12 @@ def payload_keys(job_list: Sequence[Any]) -> list[str]:
     ]
 
 
-def ok_item(result: dict[str, Any]) -> Item:
+def ok_item(result: dict[str, Any]) -> OkItem:
     """Answer of an item that was localized."""
     return {"status": "ok", "result": result}
 
 
-def error_item(exc: HeimdallError) -> Item:
+def error_item(exc: HeimdallError) -> ErrorItem:
     """Answer of an item that failed with a domain error."""
     return {"status": "error", "problem": exc.to_problem()}
 
@@ -192,50 +199,11 @@ def memo_fetcher(fetch: PayloadFetcher) -> PayloadFetcher:
     return cached
 
 
-BATCH_META_KEYS = ("total", "chunks", "answered")
-
-
-def assemble_batch(chunk_results: Sequence[Sequence[Item]], meta: Mapping[str, Any]) -> dict:
-    """Put every item of a batch back in request order and count the outcomes.
-
-    ``meta`` (built by the API at dispatch):
-
-    * ``total``: number of items in the request;
-    * ``chunks``: for each dispatched chunk, in chord header order, the request
-      index of each of its items;
-    * ``answered``: items answered before dispatch (cache hits with
-      ``"cached": true``, invalid items), as ``{"<index>": item}``;
-    * any other key (``request_id``, ...) is copied into the document.
-
-    Returns ``{"total", "succeeded", "failed", "cached", "items": [{"index", ...item}],
-    ...other meta}``; ``succeeded`` includes the cached items.
-    """
-    chunks: Sequence[Sequence[int]] = meta.get("chunks") or []
-    answered: Mapping[str, Item] = meta.get("answered") or {}
-    total = int(meta.get("total", len(answered) + sum(len(c) for c in chunks)))
-    items: list[Item | None] = [None] * total
-    for index, item in answered.items():
-        items[int(index)] = dict(item)
-    for indices, results in zip_longest(chunks, chunk_results):
-        results = results or []
-        for j, index in enumerate(indices or []):
-            items[index] = dict(results[j]) if j < len(results) else error_item(_lost())
-    ordered = [
-        {"index": i, **(item if item is not None else error_item(_lost()))}
-        for i, item in enumerate(items)
-    ]
-    succeeded = sum(1 for it in ordered if it["status"] == "ok")
-    document: dict[str, Any] = {
-        k: v for k, v in meta.items() if k not in BATCH_META_KEYS and isinstance(k, str)
-    }
-    document.update(
-        total=total,
-        succeeded=succeeded,
-        failed=total - succeeded,
-        cached=sum(1 for it in ordered if it.get("cached") is True),
-        items=ordered,
-    )
-    return document
+def assemble_batch(
+    chunk_results: Sequence[Sequence[Item] | None], meta: BatchMeta
+) -> BatchDocument:
+    """Put every item of a batch back in request order: :func:`heimdall.batch.assemble`."""
+    return batch.assemble(chunk_results, meta)
 
 
 def summarize(retval: Any) -> str:
@@ -246,6 +214,6 @@ def summarize(retval: Any) -> str:
     if isinstance(retval, list):
         n_ok = sum(1 for r in retval if isinstance(r, dict) and r.get("status") == "ok")
         return f"ok={n_ok} error={len(retval) - n_ok}"
-    if isinstance(retval, dict) and "total" in retval:
-        return f"succeeded={retval.get('succeeded')} failed={retval.get('failed')}"
+    if isinstance(retval, dict) and isinstance(counts := retval.get("counts"), dict):
+        return f"succeeded={counts.get('succeeded')} failed={counts.get('failed')}"
     return type(retval).__name__

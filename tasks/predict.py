@@ -66,13 +66,13 @@ def _fetch_payload(key: str) -> bytes | None:
 
 
 class PredictionTask(Task):
-    """Base of the prediction tasks: their policy, attempt bound and clean-up."""
+    """Base of the prediction tasks: their attempt bound and clean-up.
 
-    acks_late = True
-    time_limit = _settings.task_time_limit_s
-    soft_time_limit = max(1.0, 0.8 * _settings.task_time_limit_s)
-    serializer = "json"
-    ignore_result = False
+    Their policy (acks, time limits, serializer, results) is declared once, per
+    task name, in ``celeryconfig.task_policy`` and set on each task by Celery
+    (``task_annotations``).
+    """
+
     job_kind: str | None = None
     """Kind written into the job record with the outcome; None: the task has no record."""
 
@@ -167,7 +167,7 @@ class _CollectTask(PredictionTask):
 
 
 @app.task(name=contract.PREDICT_TASK, base=_PredictTask, bind=True)
-def predict(self: PredictionTask, job: dict[str, Any]) -> jobs.Item:
+def predict(self: PredictionTask, job: contract.JobMessage) -> jobs.Item:
     """Localize one request: ``{"status": "ok", "result"}`` or ``{"status": "error", ...}``."""
     item = _answer(self, [job])[0]
     self.record_outcome(item)
@@ -175,7 +175,7 @@ def predict(self: PredictionTask, job: dict[str, Any]) -> jobs.Item:
 
 
 @app.task(name=contract.CHUNK_TASK, base=PredictionTask, bind=True)
-def predict_chunk(self: PredictionTask, job_list: list[dict[str, Any]]) -> list[jobs.Item]:
+def predict_chunk(self: PredictionTask, job_list: list[contract.JobMessage]) -> list[jobs.Item]:
     """Localize several requests in one ONNX run; one answer per job, in order."""
     if not isinstance(job_list, list):
         job_list = [job_list]
@@ -184,8 +184,8 @@ def predict_chunk(self: PredictionTask, job_list: list[dict[str, Any]]) -> list[
 
 @app.task(name=contract.COLLECT_TASK, base=_CollectTask, bind=True)
 def collect_batch(
-    self: PredictionTask, chunk_results: list[list[jobs.Item]], meta: dict[str, Any]
-) -> dict[str, Any]:
+    self: PredictionTask, chunk_results: list[list[jobs.Item]], meta: contract.BatchMeta
+) -> contract.BatchDocument:
     """Chord callback: the batch document, every item back in request order.
 
     See :func:`tasks.jobs.assemble_batch` for ``meta`` and the document.

@@ -22,7 +22,6 @@ Fixtures (names are an API other test modules rely on):
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import shutil
 import signal
@@ -39,6 +38,7 @@ import redis
 from celery import Celery
 from celery.utils.nodenames import host_format
 
+from celeryconfig import make_app
 from heimdall.config import get_settings
 from heimdall.modelcard import MODEL_FILENAME
 from heimdall.registry import register_model, shipped_model_dir
@@ -217,29 +217,20 @@ def service_env(
         for name, value in overrides.items():
             mp.setenv(name, value)
         get_settings.cache_clear()
-        _reload_celeryconfig()
         register_model(get_settings())
         yield dict(os.environ)
     get_settings.cache_clear()
-    _reload_celeryconfig()
-
-
-def _reload_celeryconfig() -> None:
-    # celeryconfig reads the settings at import; a copy imported earlier in
-    # this process would still point at the old environment.
-    if "celeryconfig" in sys.modules:
-        importlib.reload(sys.modules["celeryconfig"])
 
 
 def make_client(env: dict[str, str], name: str = "heimdall-test-client") -> Celery:
-    """A Celery client app like the API's: ``celeryconfig`` plus ``env``'s broker/backend."""
-    app = Celery(name)
-    app.config_from_object("celeryconfig")
-    app.conf.update(
-        broker_url=env["CELERY_BROKER_URL"],
-        result_backend=env["CELERY_RESULT_BACKEND"],
+    """A Celery client app like the API's (``celeryconfig.make_app``) on ``env``'s Redis."""
+    settings = get_settings().model_copy(
+        update={
+            "broker_url": env["CELERY_BROKER_URL"],
+            "result_backend": env["CELERY_RESULT_BACKEND"],
+        }
     )
-    return app
+    return make_app(name, settings)
 
 
 class WorkerProcess:
