@@ -316,7 +316,13 @@ def docs() -> str:
         DOCS_TEMPLATE,
         info=spec["info"],
         operations=_operations_view(spec),
-        schemas={name: json.dumps(schema, indent=2) for name, schema in _components(spec).items()},
+        schemas={
+            name: {
+                "description": schema.get("description", ""),
+                "text": json.dumps(schema, indent=2),
+            }
+            for name, schema in _components(spec).items()
+        },
     )
 
 
@@ -368,6 +374,7 @@ def _operations_view(spec: dict[str, Any]) -> list[dict[str, Any]]:
                     "summary": op["summary"],
                     "description": op["description"],
                     "tag": op["tags"][0],
+                    "admin": bool(op.get("security")),
                     "parameters": [_resolve(spec, p) for p in op.get("parameters", [])],
                     "body": _schema_name(body["schema"]) if body else None,
                     "responses": responses,

@@ -406,8 +406,8 @@ class Health(Document):
     status: Literal["ok"]
 
 
-class WorkerProcess(BaseModel):
-    """A worker process with a fresh heartbeat."""
+class WorkerProcess(Document):
+    """A worker process with a fresh heartbeat (heartbeat records may carry more)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -419,7 +419,7 @@ class WorkerProcess(BaseModel):
     age_s: float
 
 
-class Worker(BaseModel):
+class Worker(Document):
     """A worker host and its live processes."""
 
     model_config = ConfigDict(extra="allow")
@@ -428,7 +428,7 @@ class Worker(BaseModel):
     children: list[WorkerProcess]
 
 
-class ReadinessChecks(BaseModel):
+class ReadinessChecks(Document):
     """What the readiness probe checked."""
 
     model_config = ConfigDict(extra="allow")

@@ -726,6 +726,8 @@ def test_real_responses_are_the_declared_documents(
     _document(client.get("/api/v1/jobs/0b7e4a0c-6c5d-4bb0-9a43-6b1f5d0c7a11"), schemas.Problem)
     _document(client.get("/api/v1/stations"), schemas.Stations)
     _document(client.get("/health"), schemas.Health)
+    ready = client.get("/ready")
+    _document(ready, schemas.Ready if ready.status_code == 200 else schemas.NotReady)
 
 
 def _assert_refs_resolve(spec: dict[str, Any], node: Any) -> None:
