@@ -104,7 +104,7 @@ def absent(description: str | None = None, **kwargs: Any) -> Any:
 
 
 class Document(BaseModel):
-    """Base of the documents the API sends: unknown members are errors."""
+    """Base of the documents the API sends: unknown members are errors unless one allows them."""
 
     model_config = ConfigDict(extra="forbid")
     media_type: ClassVar[str] = "application/json"
@@ -115,7 +115,7 @@ class Document(BaseModel):
 # -- problems -------------------------------------------------------------------------------
 
 
-class Problem(BaseModel):
+class Problem(Document):
     """RFC 9457 problem details: what went wrong, and where in the request.
 
     Problems may carry more members (e.g. ``station``, or the readiness checks).
@@ -123,7 +123,6 @@ class Problem(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     media_type: ClassVar[str] = PROBLEM_MEDIA_TYPE
-    response_headers: ClassVar[Mapping[str, str]] = {}
 
     type: str = Field(examples=["urn:heimdall:problem:invalid-iq"])
     title: str

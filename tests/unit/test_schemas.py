@@ -10,7 +10,7 @@ import base64
 import json
 from typing import Any
 
-import jsonschema
+import jsonschema_rs
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +26,7 @@ from heimdall.iq import (
     MAX_ABS_SAMPLE,
     MAX_SAMPLE_RATE_HZ,
     MAX_SAMPLES,
+    MIN_DURATION_S,
     MIN_SAMPLE_RATE_HZ,
     MIN_SAMPLES,
     decode_request,
@@ -36,8 +37,9 @@ RATE_HZ = 48_000.0
 """A rate at which MIN_SAMPLES is long enough (the duration rule is not in the schema)."""
 
 
-def _schema_validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(PredictRequest.model_json_schema())
+def _schema_validator() -> Any:
+    """The published request schema's validator (the engine schemathesis uses)."""
+    return jsonschema_rs.validator_for(PredictRequest.model_json_schema())
 
 
 def _iq_accepts(body: dict[str, Any]) -> bool:
@@ -57,8 +59,10 @@ def _model_accepts(body: dict[str, Any]) -> bool:
 
 
 def _body(iq: Any, rate: float = RATE_HZ, **more: Any) -> dict[str, Any]:
-    """A request whose every receiver sends ``iq``; the rest is valid."""
-    receivers = [{"station": sid, "iq": iq} for sid in STATIONS[:MIN_STATIONS]]
+    """A request whose first receiver sends ``iq``; the rest is valid."""
+    others = encode_base64(_tone(max(MIN_SAMPLES, int(rate * MIN_DURATION_S) + 1)))
+    receivers = [{"station": sid, "iq": others} for sid in STATIONS[:MIN_STATIONS]]
+    receivers[0]["iq"] = iq
     return {"receivers": receivers, "sample_rate_hz": rate, **more}
 
 
