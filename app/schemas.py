@@ -118,7 +118,7 @@ class Document(BaseModel):
 class Problem(Document):
     """RFC 9457 problem details: what went wrong, and where in the request.
 
-    Problems may carry more members (e.g. ``station``, or the readiness checks).
+    Problems may carry more members (e.g. station, or the readiness checks).
     """
 
     model_config = ConfigDict(extra="allow")
