@@ -40,6 +40,7 @@ DOCS_TEMPLATE = """<!doctype html>
         overflow-x: auto; }
   h2.part { border-bottom: 2px solid #1d3557; padding-bottom: .2rem; }
   a.schema { color: #1d3557; }
+  p.admin { border-left: 3px solid #c92a2a; padding-left: .6rem; }
 </style>
 </head>
 <body>
@@ -68,6 +69,10 @@ DOCS_TEMPLATE = """<!doctype html>
       <div>
         <p class="summary">{{ op.summary }}</p>
         <p>{{ op.description }}</p>
+        {% if op.admin %}
+        <p class="admin">Needs the admin token: <code>Authorization: Bearer &lt;token&gt;</code>
+          (401 without it or with a wrong one, 403 when the server has none configured).</p>
+        {% endif %}
         {% if op.parameters %}
         <table>
           <tr><th>Parameter</th><th>In</th><th>Required</th><th>Description</th></tr>
@@ -109,10 +114,13 @@ DOCS_TEMPLATE = """<!doctype html>
     </section>
     {% endfor %}
     <h2 class="part">Schemas</h2>
-    {% for name, text in schemas.items() %}
+    {% for name, schema in schemas.items() %}
     <section class="op" id="schema-{{ name }}">
       <h3>{{ name }}</h3>
-      <div><pre>{{ text }}</pre></div>
+      <div>
+        {% if schema.description %}<p>{{ schema.description }}</p>{% endif %}
+        <pre>{{ schema.text }}</pre>
+      </div>
     </section>
     {% endfor %}
   </div>

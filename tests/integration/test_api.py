@@ -24,7 +24,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import create_app
+from app import create_app, schemas
 from heimdall.config import Settings
 from heimdall.heartbeats import live_workers
 from heimdall.iq import encode_base64
@@ -685,6 +685,49 @@ def test_openapi_describes_every_route(client: FlaskClient, app: Flask) -> None:
     except ImportError:
         return  # not a dev dependency; the structural checks above still ran
     validate(spec)
+
+
+def _document(response: Any, model: type[schemas.BaseModel]) -> dict[str, Any]:
+    """Assert ``response`` carries a ``model`` document (media type and body); return it."""
+    assert response.mimetype == model.media_type, response.get_data(as_text=True)
+    body: dict[str, Any] = response.get_json()
+    model.model_validate(body)
+    return body
+
+
+def test_real_responses_are_the_declared_documents(
+    client: FlaskClient, request_factory: MakeRequest
+) -> None:
+    # The documents forbid unknown members: a view that adds, drops or renames
+    # a field fails here until app/schemas.py (and so the OpenAPI document) says so.
+    body = request_factory(3700)
+    computed = _document(client.post("/api/v1/predict", json=body), schemas.PredictResult)
+    cached = _document(client.post("/api/v1/predict", json=body), schemas.PredictResult)
+    batch = _document(
+        client.post(
+            "/api/v1/predict/batch",
+            json={"items": [request_factory(3701), _bad_iq(request_factory(3702)), body]},
+        ),
+        schemas.BatchDocument,
+    )
+    accepted = client.post("/api/v1/predict/async", json=request_factory(3703))
+    batch_accepted = client.post(
+        "/api/v1/predict/batch/async", json={"items": [request_factory(3704)]}
+    )
+    problem = client.post("/api/v1/predict", json={**body, "sample_rate_hz": 1.0})
+
+    assert (computed["cached"], cached["cached"]) == (False, True)
+    assert [item["status"] for item in batch["items"]] == ["ok", "error", "ok"]
+    for response in (accepted, batch_accepted):
+        job_url = _document(response, schemas.JobAccepted)["status_url"]
+        _poll(client, job_url)
+        _document(client.get(job_url), schemas.Job)
+    assert _document(problem, schemas.Problem)["field"] == "sample_rate_hz"
+    _document(client.get("/api/v1/jobs/0b7e4a0c-6c5d-4bb0-9a43-6b1f5d0c7a11"), schemas.Problem)
+    _document(client.get("/api/v1/stations"), schemas.Stations)
+    _document(client.get("/health"), schemas.Health)
+    ready = client.get("/ready")
+    _document(ready, schemas.Ready if ready.status_code == 200 else schemas.NotReady)
 
 
 def _assert_refs_resolve(spec: dict[str, Any], node: Any) -> None:
