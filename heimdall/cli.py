@@ -196,10 +196,7 @@ def reload_outcome(replies: list[dict[str, Any]]) -> tuple[int, list[str]]:
                 lines.append(f"ok      {hostname}: now serving {serving}")
             else:
                 failed += 1
-                lines.append(
-                    f"FAILED  {hostname}: {body.get('error') or 'no reason given'}"
-                    f" (still serving {serving})"
-                )
+                lines.append(f"FAILED  {hostname}: {_refusals(body)} (still serving {serving})")
     if not lines:
         return 1, ["FAILED  no worker replied (are any running, on this broker?)"]
     if failed:
@@ -207,8 +204,16 @@ def reload_outcome(replies: list[dict[str, Any]]) -> tuple[int, list[str]]:
     return (1 if failed else 0), lines
 
 
+def _refusals(reply: dict[str, Any]) -> str:
+    """Why a worker refused a reload: each refused target's reason, else its error."""
+    errors = reply.get("errors")
+    if isinstance(errors, dict) and errors:
+        return "; ".join(f"{target}: {why}" for target, why in sorted(errors.items()))
+    return str(reply.get("error") or "no reason given")
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Ask every worker to re-resolve the alias and reload its model.
+    """Ask every worker to re-resolve the champion and extra models and reload them.
 
     Prints a line per worker (``--json``: the raw replies); exits non-zero when
     no worker replied or any replied ``ok: false``.
@@ -306,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("resolve", help="resolve name@alias and check its card")
     p.add_argument("--alias", default=None)
     p.set_defaults(func=cmd_resolve)
-    p = model.add_parser("reload", help="make running workers reload name@alias")
+    p = model.add_parser(
+        "reload", help="make running workers reload the champion (--alias) and extra models"
+    )
     p.add_argument("--alias", default=None)
     p.add_argument(
         "--timeout",
