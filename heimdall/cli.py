@@ -242,6 +242,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_variant(args: argparse.Namespace) -> int:
+    """Register a shifted copy of the shipped model as a new version under ``--alias``."""
+    from heimdall.variants import register_variant
+
+    settings = get_settings()
+    out_dir = Path(args.out_dir) if args.out_dir else settings.var_dir / "variants" / args.alias
+    identity = register_variant(
+        settings, out_dir, args.alias, shift_m=(args.shift_east_m, args.shift_north_m)
+    )
+    _print_json({**identity.to_dict(), "model_dir": str(out_dir)})
+    return 0
+
+
 def _live_hostnames() -> list[str]:
     """Workers with a fresh heartbeat in the state Redis (empty when it cannot be read)."""
     import redis
@@ -329,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the raw replies as JSON")
     p.set_defaults(func=cmd_reload)
+    p = model.add_parser(
+        "variant", help="register a copy of the shipped model whose answers move (for trials)"
+    )
+    p.add_argument("--alias", required=True, help="alias to set, e.g. challenger")
+    p.add_argument("--shift-east-m", type=float, default=20_000.0, help="network output shift")
+    p.add_argument("--shift-north-m", type=float, default=-10_000.0, help="network output shift")
+    p.add_argument("--out-dir", help="where to write it (default: var/variants/ALIAS)")
+    p.set_defaults(func=cmd_variant)
 
     p = sub.add_parser("stations", help="print the receiver network")
     p.set_defaults(func=cmd_stations)
