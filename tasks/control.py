@@ -99,10 +99,11 @@ def smoke_check(candidates: dict[str, ResolvedModel]) -> dict[str, str]:
 
 @inspect_command(name=contract.MODEL_STATUS_COMMAND)
 def heimdall_model_status(state: Any, **kwargs: Any) -> dict[str, Any]:
-    """Model of this worker and the load state of each pool child.
+    """Models of this worker and the load state of each pool child.
 
-    Reply: ``{"hostname", "model": identity|None, "error": str|None,
-    "children": [{"pid", "state": "loaded"|"failed"|"starting", "model", "error", "at"}]}``.
+    Reply: ``{"hostname", "model": champion identity|None, "models": [identity, ...],
+    "errors": {target: why not held}, "error": str|None, "children": [{"pid",
+    "state": "loaded"|"failed"|"starting", "model", "models", "errors", "error", "at"}]}``.
     """
     return model.status(state.hostname, _pool_pids(state))
 

@@ -298,7 +298,7 @@ def _on_after_setup(sender: Any = None, **kwargs: Any) -> None:
             exc_info=unexpected[0] if unexpected else None,
         )
     for target, resolved in _main.extras.items():
-        log.info("extra model %s resolved: %s", target, registry.dumps(resolved.identity))
+        log.info("extra model %s resolved: %s", target, registry.dumps(resolved.identity.to_dict()))
     for target, why in _main.extra_errors.items():
         log.warning("extra model %s not served: %s", target, why)
 
