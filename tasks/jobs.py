@@ -185,25 +185,30 @@ class Served:
         """
         if not isinstance(job, Mapping):
             return None, None
-        version, alias = job.get(MSG_VERSION), job.get(MSG_ALIAS)
+        version, alias = _text(job.get(MSG_VERSION)), _text(job.get(MSG_ALIAS))
         if version is None and alias is None:
             return None, None
-        if isinstance(version, str) and version in self.versions:
+        if version is not None and version in self.versions:
             return self.versions[version], None
-        if isinstance(alias, str) and alias in self.aliases:
+        if alias is not None and alias in self.aliases:
             return self.aliases[alias], None
         named = f"version {version}" + (f" ({alias})" if alias else "")
-        why = self.failed.get(str(alias)) if alias is not None else None
+        why = self.failed.get(alias) if alias is not None else None
         if why:
             return None, f"{named} failed to load on this worker: {why}"
         return None, f"{named} is not loaded on this worker"
 
     def exact(self, job: Any) -> Localizer | HeimdallError:
         """The Localizer of the job's ``version`` exactly, or the error to record (no fallback)."""
-        version = job.get(MSG_VERSION) if isinstance(job, Mapping) else None
-        if isinstance(version, str) and version in self.versions:
+        version = _text(job.get(MSG_VERSION)) if isinstance(job, Mapping) else None
+        if version is not None and version in self.versions:
             return self.versions[version]
         return ModelUnavailable(f"version {version} is not loaded on this worker")
+
+
+def _text(value: Any) -> str | None:
+    """A version or alias as sent (a number is read as its text), None when absent."""
+    return None if value is None else str(value)
 
 
 def fallback_fields(reason: str | None) -> dict[str, Any]:

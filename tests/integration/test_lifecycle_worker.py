@@ -521,3 +521,59 @@ def test_shadow_task_records_its_answer_beside_the_primary(
     while state_redis.exists(job["payload_key"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not state_redis.exists(job["payload_key"])
+
+
+# -- the choice itself, in process (no worker) ---------------------------------------
+
+
+def test_served_groups_jobs_by_version_and_names_each_fallback(
+    tmp_path: Path, make_job: Callable[..., dict[str, Any]]
+) -> None:
+    from heimdall.modelcard import ModelIdentity
+    from heimdall.runtime import Localizer
+    from heimdall.stations import load_network
+    from tasks.jobs import Served, predict_jobs
+
+    def localizer(folder: Path, version: str, alias: str) -> Localizer:
+        card = ModelCard.load(folder / CARD_FILENAME)
+        identity = ModelIdentity("heimdall-localizer", version, alias)
+        return Localizer(folder / MODEL_FILENAME, card, load_network(), identity)
+
+    mismatched_dir = make_variant(tmp_path / "mismatched")
+    card = json.loads((mismatched_dir / CARD_FILENAME).read_text())
+    card["band_mhz"] = [430.0, 440.0]  # a 70 cm model: the 2 m requests do not fit
+    (mismatched_dir / CARD_FILENAME).write_text(json.dumps(card))
+    champion = localizer(shipped_model_dir(), "1", "champion")
+    challenger = localizer(make_variant(tmp_path / "challenger"), "2", "challenger")
+    broken = localizer(make_variant(tmp_path / "broken", fail_at_run=True), "3", "broken")
+    mismatched = localizer(mismatched_dir, "4", "uhf")
+    held = [champion, challenger, broken, mismatched]
+    served = Served(
+        champion=champion,
+        versions={loc.identity.version: loc for loc in held},
+        aliases={str(loc.identity.alias): loc for loc in held},
+        failed={"ghost": "cannot load model.onnx"},
+    )
+    jobs = [
+        make_job(170, inline=True),
+        make_job(171, "2", "challenger", inline=True),
+        make_job(172, "3", "broken", inline=True),
+        make_job(173, "4", "uhf", inline=True),
+        make_job(174, "5", "ghost", inline=True),
+        make_job(175, 2, None, inline=True),  # a number is read as its text
+    ]
+    labels: list[str] = []
+
+    answers = predict_jobs(
+        jobs, served, lambda key: None, min_stations=3, on_fallback=labels.append
+    )
+
+    results = [a["result"] for a in answers]
+    assert [r["model"]["version"] for r in results] == ["1", "2", "1", "1", "1", "2"]
+    assert [r["fallback"] for r in results] == [False, False, True, True, True, False]
+    assert results[2]["fallback_reason"].startswith("version 3 (broken) failed while predicting (")
+    assert "version 4 (uhf) cannot answer it: frequency_mhz" in results[3]["fallback_reason"]
+    assert results[4]["fallback_reason"] == (
+        "version 5 (ghost) failed to load on this worker: cannot load model.onnx"
+    )
+    assert sorted(labels) == ["card_mismatch", "error", "not_loaded"]
