@@ -1,10 +1,14 @@
 """Smoke check of models before they serve: ``python -m heimdall.smoke ONNX CARD [ONNX CARD ...]``.
 
 Loads each ONNX file with its card into a :class:`~heimdall.runtime.Localizer`
-(the card's digest, tensor names and stations are checked on the way), runs
-one known simulated request through it and checks that the answer is finite,
-on the Earth, and within the card's recorded tolerance of the answer recorded
-when the version was registered (:func:`reference_answer`). Prints one line
+on the receiver network in force (the card's digest, tensor names and
+stations are checked on the way), then runs one known simulated request
+through it and checks that the answer is finite, on the Earth, and within the
+card's recorded tolerance of the answer recorded when the version was
+registered (:func:`reference_answer`). The known input and its answer depend
+on the model and its card only (the network the card describes, its
+calibration), never on this host's network file, so a re-measured receiver
+gain does not make a good version look broken. Prints one line
 per model (``ok: ...`` or ``refused: <reason>``); exit status 0 when every
 model serves, 1 when any does not.
 
@@ -28,7 +32,7 @@ from heimdall.config import get_settings
 from heimdall.iq import decode_request
 from heimdall.modelcard import ModelCard, ModelIdentity
 from heimdall.simulate.requests import simulated_request
-from heimdall.stations import load_network
+from heimdall.stations import Network, load_network, network_from_dict
 
 if TYPE_CHECKING:  # onnxruntime is imported only where a session is built
     from heimdall.runtime import Localization
@@ -41,13 +45,20 @@ REFERENCE_TOLERANCE_M = 100.0
 (onnxruntime builds differ in the last float32 bits; a different model moves by km)."""
 
 
+def card_network(card: ModelCard) -> Network:
+    """The receiver network a card describes (positions and calibration it was trained with)."""
+    return network_from_dict({"network": "model card", "stations": list(card.stations)})
+
+
 def known_answer(onnx_path: Path, card: ModelCard) -> Localization:
-    """The model's answer to the known input (one request, this process's session)."""
+    """The model's answer to the known input, on the card's own network (this process's session)."""
     from heimdall.runtime import Localizer
 
-    network = load_network(get_settings().stations_file)
+    network = card_network(card)
     localizer = Localizer(onnx_path, card, network, ModelIdentity("smoke", "0", None))
-    body = simulated_request(KNOWN_SEED, KNOWN_SAMPLES, "base64", stations=card.slots)
+    body = simulated_request(
+        KNOWN_SEED, KNOWN_SAMPLES, "base64", stations=card.slots, network=network
+    )
     decoded = decode_request(body, stations=card.slots, band_mhz=card.band_mhz, min_stations=1)
     (answer,) = localizer.predict([decoded])
     values = (answer.latitude, answer.longitude, answer.sigma_e_m, answer.sigma_n_m, answer.rho)
@@ -78,7 +89,16 @@ def distance_m(lat: float, lon: float, ref_lat: float, ref_lon: float) -> float:
 
 def check(onnx_path: Path, card_path: Path) -> str:
     """Load the model and answer the known input; a one-line summary, or raise why it cannot."""
+    from heimdall.runtime import Localizer
+
     card = ModelCard.load(card_path)
+    # Serves on the network in force (a receiver moved since training refuses it).
+    Localizer(
+        onnx_path,
+        card,
+        load_network(get_settings().stations_file),
+        ModelIdentity("smoke", "0", None),
+    )
     answer = known_answer(onnx_path, card)
     summary = f"{answer.latitude:.4f}, {answer.longitude:.4f}"
     reference = card.reference
