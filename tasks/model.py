@@ -9,8 +9,8 @@ process hold model state:
   (``worker_init``, and again on ``heimdall_reload_model``): MLflow is imported
   and the version downloaded there, once, before the pool forks, so children
   inherit the :class:`~heimdall.registry.ResolvedModel` of every served
-  version and start fast. It
-  never creates an onnxruntime session (sessions must not cross a fork).
+  version and start fast. It never creates an onnxruntime session (sessions
+  must not cross a fork).
   When the registry cannot be reached at start, it serves the version this
   disk last resolved and verified (:func:`heimdall.registry.last_verified`),
   says so in every heartbeat and log line, and retries the registry in the
@@ -18,8 +18,7 @@ process hold model state:
 * each **pool child** builds its own :class:`~heimdall.runtime.Localizer` per
   served version in ``worker_process_init`` (a job picks one, the champion
   answering when it cannot: :class:`tasks.jobs.Served`) and keeps a heartbeat
-  record in Redis, under
-  ``heimdall:workers:{hostname}`` field ``{pid}``, rewritten every
+  record in Redis, under ``heimdall:workers:{hostname}`` field ``{pid}``, rewritten every
   ``heartbeat_interval_s`` with its state and time; ``/ready`` reads those
   records (no broadcast on the probe path) and the main process answers
   ``heimdall_model_status`` from them. A child that cannot load keeps running
@@ -559,6 +558,7 @@ def status(hostname: str, pids: list[int]) -> dict[str, Any]:
 # -- SIGHUP -------------------------------------------------------------------
 
 _hup = threading.Event()
+_hup_listener: list[threading.Thread] = []
 
 
 @signals.worker_ready.connect
@@ -572,12 +572,16 @@ def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
     # The handler only sets an event: a broadcast (locks, sockets) must not
     # run inside a signal handler.
     platforms.signals["SIGHUP"] = _on_sighup
-    threading.Thread(
+    if _hup_listener:  # the consumer became ready again (after a broker outage)
+        return
+    listener = threading.Thread(
         target=_reload_on_hup,
         args=(str(hostname), _send_reload),
         name="heimdall-sighup",
         daemon=True,
-    ).start()
+    )
+    _hup_listener.append(listener)
+    listener.start()
     log.info("SIGHUP reloads the served models (pid %d)", os.getpid())
 
 
