@@ -577,3 +577,27 @@ def test_served_groups_jobs_by_version_and_names_each_fallback(
         "version 5 (ghost) failed to load on this worker: cannot load model.onnx"
     )
     assert sorted(labels) == ["card_mismatch", "error", "not_loaded"]
+
+
+def test_extra_models_resolve_by_alias_or_explicit_version_and_skip_unknown(
+    tmp_path: Path,
+) -> None:
+    from tasks.model import resolve_extras
+
+    settings = Settings(var_dir=tmp_path / "var")
+    champion, _ = register_model(settings)
+    challenger = register_variant(settings, tmp_path / "variant", "challenger")
+    settings = settings.model_copy(
+        update={"extra_models": ["challenger", champion.version, "99", "ghost", "champion"]}
+    )
+
+    resolved, skipped, failed = resolve_extras(settings)
+
+    assert {t: r.identity.to_dict() for t, r in resolved.items()} == {
+        "challenger": {**challenger.to_dict(), "alias": "challenger"},
+        champion.version: {**champion.to_dict(), "alias": champion.version},
+    }
+    assert set(skipped) == {"99", "ghost"}  # the champion is not resolved twice
+    assert "has no version 99" in skipped["99"]
+    assert "alias 'ghost'" in skipped["ghost"]
+    assert failed == {}
