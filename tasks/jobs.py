@@ -223,6 +223,7 @@ def predict_jobs(
     *,
     min_stations: int,
     on_fallback: FallbackListener | None = None,
+    interrupts: tuple[type[BaseException], ...] = (),
 ) -> list[Item]:
     """One answer per job, in order; the jobs of one version share one ONNX run.
 
@@ -231,7 +232,9 @@ def predict_jobs(
     predicting, the champion answers and the result says so (``fallback``,
     ``fallback_reason``; ``on_fallback`` is told the reason label). A bare
     Localizer (or error) is a process serving only its champion. Unexpected
-    faults of the champion's run propagate (the task fails loudly).
+    faults of the champion's run propagate (the task fails loudly), and so do
+    ``interrupts`` (e.g. a time limit) raised by any run. A request that no
+    held version can answer gets the chosen version's problem, not a fallback.
     """
     if not isinstance(served, Served):
         served = Served(champion=served)
@@ -270,6 +273,9 @@ def predict_jobs(
             try:
                 check_compatible(request, localizer.card, min_stations)
             except HeimdallError as exc:
+                if not _fits(champion, request, min_stations):
+                    answers[i] = error_item(exc)
+                    continue
                 reason = f"{_named(localizer)} cannot answer it: {exc.detail}"
                 fall_back(CARD_MISMATCH, reason, i, request)
                 continue
@@ -279,6 +285,8 @@ def predict_jobs(
     for localizer, members in chosen.values():
         try:
             results = localizer.predict_results([r for _, r in members])
+        except interrupts:
+            raise
         except Exception as exc:
             reason = f"{_named(localizer)} failed while predicting ({type(exc).__name__})"
             for i, request in members:
@@ -291,6 +299,16 @@ def predict_jobs(
         for (i, _, why), result in zip(by_champion, results, strict=True):
             answers[i] = ok_item({**result, **fallback_fields(why)})
     return [a if a is not None else error_item(_lost()) for a in answers]
+
+
+def _fits(champion: Localizer | HeimdallError, request: DecodedRequest, min_stations: int) -> bool:
+    if isinstance(champion, HeimdallError):
+        return False
+    try:
+        check_compatible(request, champion.card, min_stations)
+    except HeimdallError:
+        return False
+    return True
 
 
 def _named(localizer: Localizer) -> str:

@@ -157,6 +157,7 @@ def _answer(task: PredictionTask, job_list: Sequence[Any]) -> list[jobs.Item]:
             jobs.memo_fetcher(_fetch_payload),
             min_stations=get_settings().min_stations,
             on_fallback=metrics.count_fallback,
+            interrupts=(SoftTimeLimitExceeded,),
         )
     except SoftTimeLimitExceeded:
         late = ServiceUnavailable(
@@ -263,6 +264,7 @@ def shadow(self: PredictionTask, job: dict[str, Any], primary_job_id: str) -> No
             localizer,
             jobs.memo_fetcher(_fetch_payload),
             min_stations=get_settings().min_stations,
+            interrupts=(SoftTimeLimitExceeded,),
         )
     except SoftTimeLimitExceeded:
         item = jobs.error_item(ServiceUnavailable("shadow prediction exceeded its time limit"))
