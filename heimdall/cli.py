@@ -196,10 +196,7 @@ def reload_outcome(replies: list[dict[str, Any]]) -> tuple[int, list[str]]:
                 lines.append(f"ok      {hostname}: now serving {serving}")
             else:
                 failed += 1
-                lines.append(
-                    f"FAILED  {hostname}: {body.get('error') or 'no reason given'}"
-                    f" (still serving {serving})"
-                )
+                lines.append(f"FAILED  {hostname}: {_refusals(body)} (still serving {serving})")
     if not lines:
         return 1, ["FAILED  no worker replied (are any running, on this broker?)"]
     if failed:
@@ -214,8 +211,16 @@ def _celery_app() -> Any:
     return make_app("heimdall-cli", get_settings())
 
 
+def _refusals(reply: dict[str, Any]) -> str:
+    """Why a worker refused a reload: each refused target's reason, else its error."""
+    errors = reply.get("errors")
+    if isinstance(errors, dict) and errors:
+        return "; ".join(f"{target}: {why}" for target, why in sorted(errors.items()))
+    return str(reply.get("error") or "no reason given")
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Ask every worker to re-resolve the alias and reload its model.
+    """Ask every worker to re-resolve the champion and extra models and reload them.
 
     Prints a line per worker (``--json``: the raw replies); exits non-zero when
     no worker replied or any replied ``ok: false``.
@@ -239,6 +244,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
     for line in lines:
         print(line, file=sys.stderr if args.json else sys.stdout)
     return status
+
+
+def cmd_variant(args: argparse.Namespace) -> int:
+    """Register a shifted copy of the shipped model as a new version under ``--alias``."""
+    from heimdall.variants import register_variant
+
+    settings = get_settings()
+    out_dir = Path(args.out_dir) if args.out_dir else settings.var_dir / "variants" / args.alias
+    identity = register_variant(
+        settings, out_dir, args.alias, shift_m=(args.shift_east_m, args.shift_north_m)
+    )
+    _print_json({**identity.to_dict(), "model_dir": str(out_dir)})
+    return 0
 
 
 def _live_hostnames() -> list[str]:
@@ -310,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("resolve", help="resolve name@alias and check its card")
     p.add_argument("--alias", default=None)
     p.set_defaults(func=cmd_resolve)
-    p = model.add_parser("reload", help="make running workers reload name@alias")
+    p = model.add_parser(
+        "reload", help="make running workers reload the champion (--alias) and extra models"
+    )
     p.add_argument("--alias", default=None)
     p.add_argument(
         "--timeout",
@@ -326,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the raw replies as JSON")
     p.set_defaults(func=cmd_reload)
+    p = model.add_parser(
+        "variant", help="register a copy of the shipped model whose answers move (for trials)"
+    )
+    p.add_argument("--alias", required=True, help="alias to set, e.g. challenger")
+    p.add_argument("--shift-east-m", type=float, default=20_000.0, help="network output shift")
+    p.add_argument("--shift-north-m", type=float, default=-10_000.0, help="network output shift")
+    p.add_argument("--out-dir", help="where to write it (default: var/variants/ALIAS)")
+    p.set_defaults(func=cmd_variant)
 
     p = sub.add_parser("stations", help="print the receiver network")
     p.set_defaults(func=cmd_stations)

@@ -71,6 +71,12 @@ class ModelCard:
     fusion: dict[str, Any] = field(default_factory=dict)
     """How serving combines the network with the physical likelihood: ``likelihood``
     (heimdall.baseline.LikelihoodParams fields) and ``covariance_scale``."""
+    reference: dict[str, Any] = field(default_factory=dict)
+    """The answer to a known input, recorded when the version was registered
+    (:func:`heimdall.smoke.reference_answer`): ``seed`` and ``n_samples`` of the
+    simulated request, ``latitude``/``longitude`` answered (degrees) and
+    ``tolerance_m``. A reload refuses a version that no longer gives this answer.
+    Empty for a card written before registration (training output)."""
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -83,8 +89,8 @@ class ModelCard:
         return {str(s["id"]): float(s["calibration_db"]) for s in self.stations}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (the file format)."""
-        return {
+        """JSON-able form (the file format); ``reference`` only once recorded."""
+        document: dict[str, Any] = {
             "format": CARD_FORMAT,
             "stations": list(self.stations),
             "features": self.features.to_dict(),
@@ -102,6 +108,9 @@ class ModelCard:
             "accuracy": self.accuracy,
             "fusion": self.fusion,
         }
+        if self.reference:
+            document["reference"] = self.reference
+        return document
 
     def dumps(self) -> str:
         """Canonical JSON text."""
@@ -133,6 +142,7 @@ class ModelCard:
                 training=dict(data.get("training", {})),
                 accuracy=dict(data.get("accuracy", {})),
                 fusion=dict(data.get("fusion", {})),
+                reference=dict(data.get("reference", {})),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ModelCardInvalid(f"model card is malformed: {exc}") from exc

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
@@ -105,7 +105,9 @@ def register_model(
 
     Registering the same ONNX file twice reuses its version (matched by the
     file's sha256), so the call is idempotent. Returns the identity and
-    whether a new version was created.
+    whether a new version was created. A new version's card records the
+    model's answer to the known input (:func:`heimdall.smoke.reference_answer`)
+    unless it already does; a reload compares the version with it.
     """
     model_dir = model_dir or shipped_model_dir()
     alias = alias or settings.model_alias
@@ -126,9 +128,6 @@ def _register(
     params: dict[str, Any] | None,
 ) -> tuple[ModelIdentity, bool]:
     """Log and register with ``client``; see :func:`register_model`."""
-    import mlflow
-    import mlflow.onnx
-    import onnx
     from mlflow.exceptions import MlflowException
 
     name = settings.model_name
@@ -145,6 +144,34 @@ def _register(
             )
             return ModelIdentity(name, str(mv.version), alias), False
 
+    with tempfile.TemporaryDirectory(prefix="heimdall-register-") as staging:
+        card_path = model_dir / CARD_FILENAME
+        if not card.reference:
+            # The answer a reload's smoke check compares the version with, recorded
+            # in the registered card (the source folder is left as it is).
+            from heimdall.smoke import reference_answer
+
+            card = replace(card, reference=reference_answer(onnx_path, card))
+            card_path = Path(staging) / CARD_FILENAME
+            card_path.write_text(card.dumps())
+        return _log_version(client, settings, card, onnx_path, card_path, alias, params)
+
+
+def _log_version(
+    client: Any,
+    settings: Settings,
+    card: ModelCard,
+    onnx_path: Path,
+    card_path: Path,
+    alias: str,
+    params: dict[str, Any] | None,
+) -> tuple[ModelIdentity, bool]:
+    """Log a run with the model and its card, register it as a new version, set ``alias``."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    name = settings.model_name
     accuracy = card.accuracy
     metrics = {
         "accuracy_meters": accuracy.get("median_error_m"),
@@ -177,7 +204,7 @@ def _register(
             name="model",
             onnx_execution_providers=["CPUExecutionProvider"],
             save_as_external_data=False,
-            extra_files=[str(model_dir / CARD_FILENAME)],
+            extra_files=[str(card_path)],
             registered_model_name=name,
             metadata={"onnx_sha256": card.onnx_sha256},
         )
@@ -204,6 +231,35 @@ def resolve_version(settings: Settings, alias: str | None = None) -> ModelIdenti
     return ModelIdentity(settings.model_name, str(mv.version), alias)
 
 
+def resolve_target(settings: Settings, target: str) -> ModelIdentity:
+    """A served target -> its version: an alias (``challenger``) or an explicit version (``7``).
+
+    The identity's ``alias`` is the target as named. ModelUnavailable when it
+    does not resolve.
+    """
+    if not target.isdigit():
+        return resolve_version(settings, target)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with _registry(settings) as client:
+            mv = client.get_model_version(settings.model_name, target)
+    except MlflowException as exc:
+        raise ModelUnavailable(
+            f"{settings.model_name!r} has no version {target} in the registry "
+            f"at {settings.tracking_uri}"
+        ) from exc
+    return ModelIdentity(settings.model_name, str(mv.version), target)
+
+
+def fetch(settings: Settings, identity: ModelIdentity) -> ResolvedModel:
+    """Download ``identity``'s version once and check its card against its ONNX file."""
+    target = _version_dir(settings, identity.version)
+    if not (target / MODEL_FILENAME).is_file():
+        _download(settings, identity, target)
+    return _local(identity, target)
+
+
 def resolve(settings: Settings, alias: str | None = None) -> ResolvedModel:
     """Resolve ``name@alias``, download that version once, and check its card.
 
@@ -211,10 +267,7 @@ def resolve(settings: Settings, alias: str | None = None) -> ResolvedModel:
     (see :func:`last_verified`).
     """
     identity = resolve_version(settings, alias)
-    target = _version_dir(settings, identity.version)
-    if not (target / MODEL_FILENAME).is_file():
-        _download(settings, identity, target)
-    resolved = _local(identity, target)
+    resolved = fetch(settings, identity)
     _remember_verified(settings, identity)
     return resolved
 

@@ -2,9 +2,11 @@
 
 Control commands run in the worker's MAIN process, not in the pool children
 that hold the onnxruntime sessions. So status is read from what the children
-recorded in Redis, and a reload re-resolves the model in the main process and
-restarts the pool: the new children fork from it and load the new model in
-``worker_process_init``. In-flight tasks finish on the old model first.
+recorded in Redis, and a reload re-resolves the served versions (champion and
+extra models) in the main process, smoke-checks each candidate in a
+subprocess, and restarts the pool: the new children fork from it and load the
+new set in ``worker_process_init``. In-flight tasks finish on the old models
+first.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from celery.worker.control import control_command, inspect_command
 
 from heimdall import contract, registry
 from heimdall.config import get_settings
-from heimdall.errors import ModelUnavailable
+from heimdall.errors import HeimdallError, ModelUnavailable
 from heimdall.modelcard import CARD_FILENAME
 from heimdall.registry import ResolvedModel
 from tasks import model
@@ -60,80 +62,132 @@ def _restart_pool(state: Any) -> None:
         pool.grow(idle)
 
 
-def smoke_check(resolved: ResolvedModel) -> None:
-    """Load ``resolved`` and answer one request in a subprocess; ModelUnavailable if it cannot.
+def smoke_check(candidates: dict[str, ResolvedModel]) -> dict[str, str]:
+    """Load each candidate and answer the known input in one subprocess: target -> why refused.
 
     Not in this process: it forks the pool children, and an onnxruntime session
-    must not exist before a fork.
+    must not exist before a fork. Each model must answer the card's recorded
+    known input within its tolerance (:mod:`heimdall.smoke`).
     """
-    command = [
-        sys.executable,
-        "-m",
-        "heimdall.smoke",
-        str(resolved.onnx_path),
-        str(resolved.onnx_path.parent / CARD_FILENAME),
-    ]
+    if not candidates:
+        return {}
+    command = [sys.executable, "-m", "heimdall.smoke"]
+    for resolved in candidates.values():
+        command += [str(resolved.onnx_path), str(resolved.onnx_path.parent / CARD_FILENAME)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        raise ModelUnavailable(
-            f"version {resolved.identity.version} did not answer a test request within "
-            f"{SMOKE_TIMEOUT_S:g} s; refused"
-        ) from exc
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
-        raise ModelUnavailable(
-            f"version {resolved.identity.version} cannot serve ({reason}); refused"
+    except subprocess.TimeoutExpired:
+        return {
+            target: f"version {resolved.identity.version} did not answer a test request "
+            f"within {SMOKE_TIMEOUT_S:g} s; refused"
+            for target, resolved in candidates.items()
+        }
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("ok", "refused"))]
+    refused: dict[str, str] = {}
+    for i, (target, resolved) in enumerate(candidates.items()):
+        line = lines[i] if i < len(lines) else None
+        if line is not None and line.startswith("ok"):
+            continue
+        reason = (
+            line.removeprefix("refused: ")
+            if line is not None
+            else ((done.stderr.strip().splitlines() or ["no reason given"])[-1])
         )
+        refused[target] = f"version {resolved.identity.version} cannot serve ({reason}); refused"
+    return refused
 
 
 @inspect_command(name=contract.MODEL_STATUS_COMMAND)
 def heimdall_model_status(state: Any, **kwargs: Any) -> dict[str, Any]:
-    """Model of this worker and the load state of each pool child.
+    """Models of this worker and the load state of each pool child.
 
-    Reply: ``{"hostname", "model": identity|None, "error": str|None,
-    "children": [{"pid", "state": "loaded"|"failed"|"starting", "model", "error", "at"}]}``.
+    Reply: ``{"hostname", "model": champion identity|None, "models": [identity, ...],
+    "errors": {target: why not held}, "error": str|None, "children": [{"pid",
+    "state": "loaded"|"failed"|"starting", "model", "models", "errors", "error", "at"}]}``.
     """
     return model.status(state.hostname, _pool_pids(state))
 
 
 @control_command(name=contract.RELOAD_COMMAND, args=[("alias", str)], signature="[alias]")
 def heimdall_reload_model(state: Any, alias: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Re-resolve ``name@alias`` (default: the configured alias) and restart the pool on it.
+    """Re-resolve the champion (``alias``, default: the configured one) and the extra models.
 
-    The candidate is resolved, its card checked, and it must load and answer a
-    test request (:func:`smoke_check`) before the pool restarts on it.
-    Reply: ``{"ok": bool, "hostname", "model": identity in force, "error": str|None}``.
-    On error nothing changes: the current model keeps serving.
+    Every candidate is downloaded, its card checked against its ONNX file and
+    it must answer the known input like its card says (:func:`smoke_check`)
+    before the pool restarts on the new set. A champion refused: nothing
+    changes. An extra version refused: it keeps its previous version (or
+    stays absent), the others move on. An extra target the registry does not
+    know is skipped (not served, not an error).
+
+    Reply: ``{"ok": bool, "hostname", "model": champion identity in force,
+    "models": [identity in force, ...], "error": str|None, "errors": {target:
+    why refused}}``; ``ok`` only when nothing was refused.
     """
     settings = get_settings()
     hostname = state.hostname
+    champion_target = alias or settings.model_alias
     if not state.app.conf.worker_pool_restarts:
-        return {
-            "ok": False,
-            "hostname": hostname,
-            "model": model.main_identity(),
-            "error": "worker_pool_restarts is disabled; cannot swap the model",
-        }
+        return _reply(hostname, "worker_pool_restarts is disabled; cannot swap the model", {})
     try:
-        resolved = registry.resolve(settings, alias)
-        smoke_check(resolved)
+        identity = registry.resolve_version(settings, champion_target)
     except Exception as exc:
-        model.refuse(exc)
-        log.error(
-            "reload of %s@%s failed, the current model keeps serving: %s",
-            settings.model_name,
-            alias or settings.model_alias,
-            model.main_error(),
-            exc_info=not isinstance(exc, ModelUnavailable),
-        )
-        return {
-            "ok": False,
-            "hostname": hostname,
-            "model": model.main_identity(),
-            "error": model.main_error(),
-        }
-    model.adopt(resolved)
-    log.info("reloading pool children on %s", registry.dumps(registry.model_summary(resolved)))
+        return _refused(hostname, champion_target, exc)
+    try:
+        champion = registry.resolve(settings, champion_target)
+    except Exception as exc:
+        why = exc.detail if isinstance(exc, HeimdallError) else f"{type(exc).__name__}: {exc}"
+        refusal = ModelUnavailable(f"version {identity.version} refused: {why}")
+        return _refused(hostname, champion_target, refusal)
+    extras, skipped, refused = model.resolve_extras(settings, champion_target)
+    refused.update(smoke_check({champion_target: champion, **extras}))
+    if champion_target in refused:
+        return _refused(hostname, champion_target, ModelUnavailable(refused[champion_target]))
+    kept = model.main_extras()
+    served = {t: r for t, r in extras.items() if t not in refused}
+    served.update({t: kept[t] for t in refused if t in kept})
+    for target, why in refused.items():
+        log.error("reload: extra model %s refused, it keeps its previous state: %s", target, why)
+    for target, why in skipped.items():
+        log.warning("reload: extra model %s not served: %s", target, why)
+    model.adopt(champion)
+    model.adopt_extras(served, {**skipped, **{t: w for t, w in refused.items() if t not in kept}})
+    log.info(
+        "reloading pool children on %s",
+        registry.dumps([registry.model_summary(r) for r in [champion, *served.values()]]),
+    )
     _restart_pool(state)
-    return {"ok": True, "hostname": hostname, "model": resolved.identity.to_dict(), "error": None}
+    error = f"refused: {', '.join(sorted(refused))}" if refused else None
+    return _reply(hostname, error, refused)
+
+
+def _refused(hostname: str, target: str, exc: BaseException) -> dict[str, Any]:
+    """Reply of a reload whose champion was refused: nothing changed."""
+    settings = get_settings()
+    model.refuse(exc)
+    log.error(
+        "reload of %s@%s failed, the current models keep serving: %s",
+        settings.model_name,
+        target,
+        model.main_error(),
+        exc_info=not isinstance(exc, HeimdallError),
+    )
+    error = model.main_error() or "refused"
+    return {
+        "ok": False,
+        "hostname": hostname,
+        "model": model.main_identity(),
+        "models": model.main_models(),
+        "error": error,
+        "errors": {target: error},
+    }
+
+
+def _reply(hostname: str, error: str | None, errors: dict[str, str]) -> dict[str, Any]:
+    return {
+        "ok": error is None,
+        "hostname": hostname,
+        "model": model.main_identity(),
+        "models": model.main_models(),
+        "error": error,
+        "errors": errors,
+    }

@@ -1,7 +1,9 @@
 """Job messages -> decoded requests -> per-item answers, and batch assembly.
 
 This is the worker's side of the message contract (docs: serving contract):
-a job is ``{"payload_key": str|None, "payload_b64": str|None, "request_id": str}``;
+a job is ``{"payload_key": str|None, "payload_b64": str|None, "request_id": str,
+"version": str, "alias": str}`` (``version``/``alias``: the version the API's
+traffic policy chose, absent for the champion);
 its payload is the canonical :class:`~heimdall.iq.DecodedRequest` blob, either
 claim-checked in Redis under ``heimdall:payload:{sha256}`` or inline as base64.
 An item answer is ``{"status": "ok", "result": {...}}`` or
@@ -15,11 +17,16 @@ import base64
 import binascii
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from heimdall import batch
 from heimdall.contract import (
+    MSG_ALIAS,
+    MSG_VERSION,
     PAYLOAD_PREFIX,
+    RESULT_FALLBACK,
+    RESULT_FALLBACK_REASON,
     BatchDocument,
     BatchMeta,
     ErrorItem,
@@ -31,6 +38,7 @@ from heimdall.errors import (
     HeimdallError,
     InvalidInput,
     InvalidRequest,
+    ModelUnavailable,
     ServiceUnavailable,
     TooFewStations,
     UnknownStation,
@@ -150,37 +158,167 @@ def check_compatible(request: DecodedRequest, card: ModelCard, min_stations: int
         )
 
 
+NOT_LOADED, RUN_ERROR, CARD_MISMATCH = "not_loaded", "error", "card_mismatch"
+"""Why the champion answered instead of the chosen version (a bounded metric label)."""
+
+FallbackListener = Callable[[str], None]
+"""Told the reason label of each fallback (for the worker's metrics)."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """The versions one process holds, and how a job picks among them.
+
+    ``champion`` is the Localizer that answers when the chosen version cannot
+    (or the error to answer with when this process has no champion);
+    ``versions`` maps a registry version to its Localizer (the champion's
+    included), ``aliases`` a served target (alias, or explicit version as
+    named in ``extra_models``) to its Localizer, and ``failed`` a target that
+    did not load to why.
+    """
+
+    champion: Localizer | HeimdallError
+    versions: Mapping[str, Localizer] = field(default_factory=dict)
+    aliases: Mapping[str, Localizer] = field(default_factory=dict)
+    failed: Mapping[str, str] = field(default_factory=dict)
+
+    def chosen(self, job: Any) -> tuple[Localizer | None, str | None]:
+        """The Localizer a job asks for (None: the champion) and, when it is not held, why.
+
+        By the job's ``version`` first, then by its ``alias``; a job naming
+        neither is the champion's.
+        """
+        if not isinstance(job, Mapping):
+            return None, None
+        version, alias = _text(job.get(MSG_VERSION)), _text(job.get(MSG_ALIAS))
+        if version is None and alias is None:
+            return None, None
+        if version is not None and version in self.versions:
+            return self.versions[version], None
+        if alias is not None and alias in self.aliases:
+            return self.aliases[alias], None
+        named = f"version {version}" + (f" ({alias})" if alias else "")
+        why = self.failed.get(alias) if alias is not None else None
+        if why:
+            return None, f"{named} failed to load on this worker: {why}"
+        return None, f"{named} is not loaded on this worker"
+
+    def exact(self, job: Any) -> Localizer | HeimdallError:
+        """The Localizer of the job's ``version`` exactly, or the error to record (no fallback)."""
+        version = _text(job.get(MSG_VERSION)) if isinstance(job, Mapping) else None
+        if version is not None and version in self.versions:
+            return self.versions[version]
+        return ModelUnavailable(f"version {version} is not loaded on this worker")
+
+
+def _text(value: Any) -> str | None:
+    """A version or alias as sent (a number is read as its text), None when absent."""
+    return None if value is None else str(value)
+
+
+def fallback_fields(reason: str | None) -> dict[str, Any]:
+    """The fields every computed result carries about fallback."""
+    return {RESULT_FALLBACK: reason is not None, RESULT_FALLBACK_REASON: reason}
+
+
 def predict_jobs(
     jobs: Sequence[Any],
-    localizer: Localizer | HeimdallError,
+    served: Served | Localizer | HeimdallError,
     fetch: PayloadFetcher,
     *,
     min_stations: int,
+    on_fallback: FallbackListener | None = None,
+    interrupts: tuple[type[BaseException], ...] = (),
 ) -> list[Item]:
-    """One answer per job, in order; all decodable jobs share one ONNX run.
+    """One answer per job, in order; the jobs of one version share one ONNX run.
 
-    ``localizer`` is the error to answer with when this process has no model.
-    Unexpected faults of the model run propagate (the task fails loudly).
+    Each job is answered by the version it names (:meth:`Served.chosen`);
+    when that version is not held, does not fit the request, or raises while
+    predicting, the champion answers and the result says so (``fallback``,
+    ``fallback_reason``; ``on_fallback`` is told the reason label). A bare
+    Localizer (or error) is a process serving only its champion. Unexpected
+    faults of the champion's run propagate (the task fails loudly), and so do
+    ``interrupts`` (e.g. a time limit) raised by any run. A request that no
+    held version can answer gets the chosen version's problem, not a fallback.
     """
+    if not isinstance(served, Served):
+        served = Served(champion=served)
+    champion = served.champion
     answers: list[Item | None] = [None] * len(jobs)
-    requests: list[DecodedRequest] = []
-    positions: list[int] = []
+    chosen: dict[int, tuple[Localizer, list[tuple[int, DecodedRequest]]]] = {}
+    by_champion: list[tuple[int, DecodedRequest, str | None]] = []
+
+    def to_champion(i: int, request: DecodedRequest, reason: str | None) -> None:
+        try:
+            if isinstance(champion, HeimdallError):
+                raise champion
+            check_compatible(request, champion.card, min_stations)
+        except HeimdallError as exc:
+            answers[i] = error_item(exc)
+            return
+        by_champion.append((i, request, reason))
+
+    def fall_back(label: str, reason: str, i: int, request: DecodedRequest) -> None:
+        if on_fallback is not None:
+            on_fallback(label)
+        to_champion(i, request, reason)
+
     for i, job in enumerate(jobs):
         try:
             request = load_request(job, fetch)
-            if isinstance(localizer, HeimdallError):
-                raise localizer
-            check_compatible(request, localizer.card, min_stations)
         except HeimdallError as exc:
             answers[i] = error_item(exc)
             continue
-        requests.append(request)
-        positions.append(i)
-    if requests and not isinstance(localizer, HeimdallError):
-        results = localizer.predict_results(requests)
-        for i, result in zip(positions, results, strict=True):
-            answers[i] = ok_item(result)
+        localizer, missing = served.chosen(job)
+        if missing is not None:
+            fall_back(NOT_LOADED, missing, i, request)
+        elif localizer is None or localizer is champion:
+            to_champion(i, request, None)
+        else:
+            try:
+                check_compatible(request, localizer.card, min_stations)
+            except HeimdallError as exc:
+                if not _fits(champion, request, min_stations):
+                    answers[i] = error_item(exc)
+                    continue
+                reason = f"{_named(localizer)} cannot answer it: {exc.detail}"
+                fall_back(CARD_MISMATCH, reason, i, request)
+                continue
+            chosen.setdefault(id(localizer), (localizer, []))[1].append((i, request))
+
+    # The chosen versions first: the jobs of a run that raises go to the champion.
+    for localizer, members in chosen.values():
+        try:
+            results = localizer.predict_results([r for _, r in members])
+        except interrupts:
+            raise
+        except Exception as exc:
+            reason = f"{_named(localizer)} failed while predicting ({type(exc).__name__})"
+            for i, request in members:
+                fall_back(RUN_ERROR, reason, i, request)
+            continue
+        for (i, _), result in zip(members, results, strict=True):
+            answers[i] = ok_item({**result, **fallback_fields(None)})
+    if by_champion and not isinstance(champion, HeimdallError):
+        results = champion.predict_results([r for _, r, _ in by_champion])
+        for (i, _, why), result in zip(by_champion, results, strict=True):
+            answers[i] = ok_item({**result, **fallback_fields(why)})
     return [a if a is not None else error_item(_lost()) for a in answers]
+
+
+def _fits(champion: Localizer | HeimdallError, request: DecodedRequest, min_stations: int) -> bool:
+    if isinstance(champion, HeimdallError):
+        return False
+    try:
+        check_compatible(request, champion.card, min_stations)
+    except HeimdallError:
+        return False
+    return True
+
+
+def _named(localizer: Localizer) -> str:
+    identity = localizer.identity
+    return f"version {identity.version}" + (f" ({identity.alias})" if identity.alias else "")
 
 
 def _lost() -> HeimdallError:

@@ -68,6 +68,8 @@ class WorkerMetrics:
     model_loads: Counter
     model_loaded: Gauge
     heartbeat: Gauge
+    fallbacks: Counter
+    shadows: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
@@ -134,6 +136,19 @@ class WorkerMetrics:
                 "Last heartbeat of each live pool child, epoch seconds (label pid).",
                 registry=registry,
                 multiprocess_mode="liveall",
+            ),
+            fallbacks=Counter(
+                "heimdall_worker_fallbacks",
+                "Items the champion answered because the chosen version could not, by reason "
+                "(not_loaded, error, card_mismatch).",
+                ["reason"],
+                registry=registry,
+            ),
+            shadows=Counter(
+                "heimdall_worker_shadow_predictions",
+                "Shadow copies of requests computed and recorded, by model version and status.",
+                ["model_version", "status"],
+                registry=registry,
             ),
         )
 
@@ -251,6 +266,18 @@ def _timer(histogram: Histogram) -> Iterator[None]:
         histogram.observe(time.perf_counter() - started)
 
 
+def count_fallback(reason: str) -> None:
+    """Count one item the champion answered instead of the chosen version."""
+    if _state.metrics is not None:
+        _state.metrics.fallbacks.labels(reason=reason).inc()
+
+
+def count_shadow(version: str, status: str) -> None:
+    """Count one shadow prediction of ``version`` (``ok`` or ``error``)."""
+    if _state.metrics is not None:
+        _state.metrics.shadows.labels(model_version=version, status=status).inc()
+
+
 def _items(retval: Any) -> list[dict[str, Any]]:
     if isinstance(retval, dict) and "status" in retval:
         return [retval]
@@ -314,9 +341,10 @@ def _on_process_init(**kwargs: Any) -> None:
         metrics.model_loaded.set(0)
     else:
         _state.version = str(localizer.identity.version)
-        metrics.model_loads.labels(outcome="loaded", model_version=_state.version).inc()
         metrics.model_loaded.set(1)
-        instrument(localizer, metrics)
+    for held in model.held_localizers():
+        metrics.model_loads.labels(outcome="loaded", model_version=held.identity.version).inc()
+        instrument(held, metrics)
     metrics.heartbeat.set_to_current_time()
     threading.Thread(target=_beat, args=(metrics,), name="heimdall-metrics", daemon=True).start()
 

@@ -1,8 +1,8 @@
 """The prediction tasks, sent by name by the API (names: heimdall/contract.py).
 
-Policy, the same for the three tasks (declared once on :class:`PredictionTask`):
-JSON in and out; ``acks_late`` because each is a pure function of its
-arguments (a redelivered message recomputes the same answer, so running it
+Policy (declared once per task name in ``celeryconfig.task_policy``, applied by
+Celery as ``task_annotations``): JSON in and out; ``acks_late`` because each
+is a pure function of its arguments (a redelivered message recomputes the same answer, so running it
 twice is harmless and losing it is not); a hard ``time_limit`` from the
 settings with a soft limit first, so a stuck run still answers a problem;
 results stored, because the API (sync wait, job poll, chord) reads every one
@@ -20,7 +20,13 @@ piles up in Redis:
 * once the result is stored it deletes the task's claim-check payloads and
   its start counter;
 * ``heimdall.predict`` and ``heimdall.collect_batch`` write their outcome into
-  the job record, so a job's answer does not live only in the result backend.
+  the job record, so a job's answer does not live only in the result backend;
+  a successful ``heimdall.predict`` also writes the compact record ground
+  truth is scored against (:func:`heimdall.contract.scored_key`).
+
+``heimdall.shadow`` computes a copy of a request with the version it names
+(never falling back), records the answer under
+:func:`heimdall.contract.shadow_key` and returns nothing (no result stored).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from heimdall import contract
 from heimdall.config import get_settings
 from heimdall.errors import ServiceUnavailable
-from tasks import app, jobs, model
+from tasks import app, jobs, metrics, model
 
 log = logging.getLogger("heimdall.tasks")
 
@@ -147,9 +153,11 @@ def _answer(task: PredictionTask, job_list: Sequence[Any]) -> list[jobs.Item]:
     try:
         return jobs.predict_jobs(
             job_list,
-            model.current_localizer(),
+            model.current_served(),
             jobs.memo_fetcher(_fetch_payload),
             min_stations=get_settings().min_stations,
+            on_fallback=metrics.count_fallback,
+            interrupts=(SoftTimeLimitExceeded,),
         )
     except SoftTimeLimitExceeded:
         late = ServiceUnavailable(
@@ -171,7 +179,40 @@ def predict(self: PredictionTask, job: contract.JobMessage) -> jobs.Item:
     """Localize one request: ``{"status": "ok", "result"}`` or ``{"status": "error", ...}``."""
     item = _answer(self, [job])[0]
     self.record_outcome(item)
+    if item["status"] == "ok" and self.request.id:
+        _record_scored(self.request.id, item["result"])
     return item
+
+
+def covariance_m2(result: dict[str, Any]) -> list[list[float]]:
+    """``[[ee, en], [ne, nn]]`` east/north covariance of a result, m²."""
+    u = result["uncertainty"]
+    sx, sy, cxy = float(u["sigma_x_m"]), float(u["sigma_y_m"]), float(u["covariance_xy_m2"])
+    return [[sx * sx, cxy], [cxy, sy * sy]]
+
+
+def _record_scored(job_id: str, result: dict[str, Any]) -> None:
+    """Write what ground truth posted later is scored against (kept ``truth_window_s``)."""
+    identity = result.get("model") or {}
+    key = contract.scored_key(job_id)
+    try:
+        with model.redis_client().pipeline(transaction=False) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "version": str(identity.get("version")),
+                    "alias": str(identity.get("alias")),
+                    "latitude": repr(float(result["position"]["latitude"])),
+                    "longitude": repr(float(result["position"]["longitude"])),
+                    "covariance_m2": json.dumps(covariance_m2(result)),
+                    "fallback": "1" if result.get(contract.RESULT_FALLBACK) else "0",
+                    "at": repr(time.time()),
+                },
+            )
+            pipe.expire(key, _settings.truth_window_s)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("prediction of %s not recorded for scoring: %s", job_id, exc)
 
 
 @app.task(name=contract.CHUNK_TASK, base=PredictionTask, bind=True)
@@ -193,3 +234,56 @@ def collect_batch(
     document = jobs.assemble_batch(chunk_results, meta)
     self.record_outcome(document)
     return document
+
+
+# Nobody reads a shadow's result (it is recorded under shadow_key): its policy
+# in celeryconfig.task_policy has ignore_result.
+@app.task(name=contract.SHADOW_TASK, base=PredictionTask, bind=True)
+def shadow(self: PredictionTask, job: dict[str, Any], primary_job_id: str) -> None:
+    """Localize a copy of a request with ``job["version"]`` and record it beside the primary.
+
+    ``HSET shadow_key(primary_job_id) <version> {"latitude", "longitude",
+    "covariance_m2", "model", "error", "inference_time_ms"}``, kept
+    ``truth_window_s``. No fallback: a version this worker does not hold is
+    recorded as an error.
+    """
+    if self.begin(1) is not None:
+        return  # started too often (it kills its worker), or already recorded
+    if not isinstance(job, dict):
+        job = {}
+    version = str(job.get(contract.MSG_VERSION))
+    localizer = model.current_served().exact(job)
+    # The version is chosen already: the job is answered by it or not at all.
+    bare = {k: v for k, v in job.items() if k not in (contract.MSG_VERSION, contract.MSG_ALIAS)}
+    try:
+        (item,) = jobs.predict_jobs(
+            [bare],
+            localizer,
+            jobs.memo_fetcher(_fetch_payload),
+            min_stations=get_settings().min_stations,
+            interrupts=(SoftTimeLimitExceeded,),
+        )
+    except SoftTimeLimitExceeded:
+        item = jobs.error_item(ServiceUnavailable("shadow prediction exceeded its time limit"))
+    except Exception as exc:  # a shadow must never hurt: record the failure, do not raise
+        log.exception("shadow prediction of %s with version %s failed", primary_job_id, version)
+        item = jobs.error_item(ServiceUnavailable(f"{type(exc).__name__}: {exc}"))
+    result = item["result"] if item["status"] == "ok" else None
+    problem = item["problem"] if item["status"] == "error" else {}
+    record = {
+        "latitude": result["position"]["latitude"] if result else None,
+        "longitude": result["position"]["longitude"] if result else None,
+        "covariance_m2": covariance_m2(result) if result else None,
+        "model": result["model"] if result else None,
+        "error": None if result else str(problem.get("detail") or "failed"),
+        "inference_time_ms": result["inference_time_ms"] if result else None,
+    }
+    metrics.count_shadow(version, "ok" if result else "error")
+    key = contract.shadow_key(primary_job_id)
+    try:
+        with model.redis_client().pipeline(transaction=False) as pipe:
+            pipe.hset(key, version, json.dumps(record, separators=(",", ":")))
+            pipe.expire(key, _settings.truth_window_s)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("shadow answer of %s not recorded: %s", primary_job_id, exc)

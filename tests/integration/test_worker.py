@@ -255,6 +255,7 @@ def test_model_status_lists_loaded_children(celery_worker_proc: Any, version: st
     assert status["hostname"] == celery_worker_proc.hostname
     assert status["model"]["version"] == version
     assert status["error"] is None
+    assert status["models"][0] == status["model"]
     assert len(status["children"]) == 2
     for child in status["children"]:
         assert child["state"] == "loaded", child
@@ -265,6 +266,13 @@ def test_model_status_lists_loaded_children(celery_worker_proc: Any, version: st
         }
         assert child["error"] is None
         assert child["pid"] != celery_worker_proc.pid
+        # Every version the child holds, the champion first; a served target
+        # the registry does not know is listed with why it is not held.
+        assert child["models"][0] == child["model"]
+        assert {m["alias"] for m in child["models"]} | set(child["errors"]) >= {
+            "champion",
+            *get_settings().extra_models,
+        }
 
 
 def _reload(worker: Any, alias: str | None) -> dict[str, Any]:
@@ -316,7 +324,9 @@ def test_reload_to_unknown_alias_keeps_the_current_model(celery_worker_proc: Any
 
     assert reply["ok"] is False
     assert "no-such-alias" in reply["error"]
+    assert "no-such-alias" in reply["errors"]["no-such-alias"]
     assert reply["model"] == before["model"]
+    assert reply["models"] == before["models"]
     after = celery_worker_proc.status()
     assert {c["pid"] for c in after["children"]} == {c["pid"] for c in before["children"]}
     assert all(c["state"] == "loaded" for c in after["children"])
