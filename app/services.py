@@ -1,4 +1,4 @@
-"""The per-app service objects (settings, Redis, Celery client, model view, counters).
+"""The per-app service objects (settings, Redis, Celery client, models, policy, counters).
 
 Built once by :func:`app.create_app` and kept in ``app.extensions``; views
 reach them through :func:`services`, never through module globals, so several
@@ -16,8 +16,9 @@ from redis import Redis
 from app.cache import PredictionCache, make_redis
 from app.dispatch import Dispatcher, make_celery
 from app.metrics import ApiMetrics
-from app.model import ServedModel
+from app.model import ServedModels
 from heimdall.config import Settings
+from heimdall.traffic import PolicyMemo
 
 EXTENSION = "heimdall"
 
@@ -42,7 +43,10 @@ class Services:
     celery: Celery
     cache: PredictionCache
     dispatcher: Dispatcher
-    model: ServedModel
+    model: ServedModels
+    """The champion and extra served targets (``.current()``: the champion)."""
+    policy: PolicyMemo
+    """The traffic policy, read from the state Redis at most once a second."""
     metrics: ApiMetrics
 
     @classmethod
@@ -62,7 +66,8 @@ class Services:
             celery=celery,
             cache=PredictionCache(cache_client, settings, metrics),
             dispatcher=Dispatcher(settings, celery, client),
-            model=ServedModel(settings),
+            model=ServedModels(settings),
+            policy=PolicyMemo(client, settings.model_alias),
             metrics=metrics,
         )
 
