@@ -491,7 +491,7 @@ def _batch(*, wait: bool) -> Response:
         else:
             todo.append((index, decoded, digest, choice))
     g.log_fields["items"] = len(items)
-    # One version per chunk: each chunk is one ONNX run of one model.
+    # One version per chunk: each chunk is one ONNX run of one model (_chunk_positions).
     todo.sort(key=lambda entry: (entry[3].target, entry[0]))
     reasons = {index: choice for index, _, _, choice in todo if choice.fallback_reason}
 
@@ -508,13 +508,13 @@ def _batch(*, wait: bool) -> Response:
         g.request_id,
         [choice.message_fields() for _, _, _, choice in todo],
     )
-    size = settings.batch_chunk_size
-    chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
+    groups = _chunk_positions(
+        [choice.target for _, _, _, choice in todo], settings.batch_chunk_size
+    )
+    chunks = [[jobs[p] for p in group] for group in groups]
     meta = {
         "total": len(items),
-        "chunks": [
-            [index for index, _, _, _ in todo[k : k + size]] for k in range(0, len(todo), size)
-        ],
+        "chunks": [[todo[p][0] for p in group] for group in groups],
         "answered": {str(i): item for i, item in answered_items.items()},
         "request_id": g.request_id,
         "started_at": started,
@@ -551,6 +551,16 @@ def _batch(*, wait: bool) -> Response:
             _count_problem(svc, it["problem"])
     _note_batch(document)
     return _json(document)
+
+
+def _chunk_positions(targets: list[str], size: int) -> list[list[int]]:
+    """Positions of (target-sorted) jobs cut into chunks of at most ``size``, one target each."""
+    groups: list[list[int]] = []
+    for position, target in enumerate(targets):
+        if not groups or len(groups[-1]) >= size or targets[groups[-1][0]] != target:
+            groups.append([])
+        groups[-1].append(position)
+    return groups
 
 
 def _cached_items(

@@ -201,15 +201,19 @@ def registered_versions(settings: Settings) -> list[dict[str, Any]]:
     """Every registered version, newest first: version, aliases, run id, created (epoch s)."""
     from mlflow.exceptions import MlflowException
 
+    aliases: dict[str, list[str]] = {}
     with registry._registry(settings) as client:
         try:
             found = client.search_model_versions(f"name='{settings.model_name}'")
+            # Search results do not carry aliases; the registered model does.
+            for alias, version in client.get_registered_model(settings.model_name).aliases.items():
+                aliases.setdefault(str(version), []).append(alias)
         except MlflowException:
             found = []
     versions = [
         {
             "version": str(mv.version),
-            "aliases": sorted(getattr(mv, "aliases", None) or []),
+            "aliases": sorted(aliases.get(str(mv.version), [])),
             "run_id": mv.run_id,
             "created_at": _epoch_ms(mv.creation_timestamp),
             "onnx_sha256": (mv.tags or {}).get(registry.SHA_TAG),
