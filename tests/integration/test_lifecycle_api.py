@@ -548,3 +548,49 @@ def test_reload_reports_every_worker(live: Flask, celery_worker_proc: Any) -> No
         lambda s: bool(s.get("children")) and all(c["state"] == "loaded" for c in s["children"]),
         timeout=120,
     )
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def test_cli_sets_shows_and_resets_the_traffic_policy(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from heimdall.cli import main
+
+    state = redis.Redis.from_url(settings.redis_url)
+    assert main(["model", "traffic", "champion=90", "challenger=10", "--shadow", "challenger"]) == 0
+    stored = json.loads(state.get(contract.TRAFFIC_KEY) or b"{}")
+    assert stored["weights"] == {"champion": 90, "challenger": 10}
+    assert stored["shadow"] == ["challenger"]
+    assert stored["updated_by"].startswith("cli:")
+    capsys.readouterr()
+    assert main(["model", "traffic"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == {"champion": 90, "challenger": 10}
+    assert main(["model", "traffic", "nobody=1"]) == 1
+    assert "not a served model" in capsys.readouterr().err
+    assert main(["model", "traffic", "champion"]) == 2
+    assert main(["model", "traffic", "--reset"]) == 0
+    assert state.get(contract.TRAFFIC_KEY) is None
+
+
+def test_cli_promotes_and_rolls_back(
+    own_registry: tuple[Settings, str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from heimdall.cli import main
+    from heimdall.config import get_settings
+
+    own, champion, challenger = own_registry
+    monkeypatch.setenv("HEIMDALL_VAR_DIR", str(own.var_dir))
+    get_settings.cache_clear()
+    try:
+        assert main(["model", "promote", challenger]) == 0
+        assert json.loads(capsys.readouterr().out)["champion"]["version"] == challenger
+        assert resolve_version(own, "champion").version == challenger
+        assert main(["model", "promote", "999"]) == 1
+        assert main(["model", "rollback"]) == 0
+        assert resolve_version(own, "champion").version == champion
+    finally:
+        get_settings.cache_clear()
