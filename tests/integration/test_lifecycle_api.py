@@ -28,6 +28,16 @@ from flask import Flask
 from pydantic import SecretStr
 
 from app import create_app
+from app.model_api_docs import (
+    OPERATIONS,
+    AliasMoveResponse,
+    ModelInfoResponse,
+    ModelPerformanceResponse,
+    ModelVersionsResponse,
+    ReloadResponse,
+    TrafficResponse,
+    TruthResponse,
+)
 from app.services import services
 from heimdall import contract, lifecycle
 from heimdall.config import Settings
@@ -133,6 +143,21 @@ def _default_policy(settings: Settings) -> Iterator[None]:
     client.delete(contract.TRAFFIC_KEY)
     yield
     client.delete(contract.TRAFFIC_KEY)
+
+
+def test_every_lifecycle_route_is_declared(settings: Settings) -> None:
+    app = create_app(settings)
+    routes = {
+        (method.lower(), rule.rule.replace("<job_id>", "{job_id}"))
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint.startswith("model_api.")
+        for method in rule.methods or ()
+        if method not in ("HEAD", "OPTIONS")
+    }
+    assert routes == {(op.method, op.path) for op in OPERATIONS}
+    admin_views = {(op.method, op.path) for op in OPERATIONS if op.admin}
+    assert ("post", "/api/v1/jobs/{job_id}/truth") in admin_views
+    assert all(m != "get" for m, _ in admin_views)
 
 
 # -- admin auth ----------------------------------------------------------------------------
@@ -390,7 +415,11 @@ def test_info_and_versions_describe_what_is_served(live: Flask, celery_worker_pr
     assert "requests" in champion["live"] and "accuracy" in champion["live"]
     assert info["traffic"]["weights"] == {"champion": 100}
 
+    ModelInfoResponse.model_validate(info)
     versions = client.get("/api/v1/model/versions").get_json()
+    ModelVersionsResponse.model_validate(versions)
+    ModelPerformanceResponse.model_validate(client.get("/api/v1/model/performance").get_json())
+    TrafficResponse.model_validate(client.get("/api/v1/model/traffic").get_json())
     entry = next(v for v in versions["versions"] if v["version"] == champion["version"])
     assert "champion" in entry["aliases"]
     assert entry["served_as"] == "champion"
@@ -448,6 +477,7 @@ def test_truth_scores_the_prediction_and_its_shadows(live: Flask, settings: Sett
         headers=AUTH,
     )
     assert response.status_code == 200, response.get_data(as_text=True)
+    TruthResponse.model_validate(response.get_json())
     scores = {s["version"]: s for s in response.get_json()["scores"]}
     primary = scores[version]
     assert primary["role"] == "primary"
@@ -513,6 +543,7 @@ def test_promote_and_rollback_move_the_aliases(own_registry: tuple[Settings, str
 
     promoted = client.post("/api/v1/model/promote", json={"version": challenger}, headers=AUTH)
     assert promoted.status_code == 200, promoted.get_data(as_text=True)
+    AliasMoveResponse.model_validate(promoted.get_json())
     assert promoted.get_json()["champion"]["version"] == challenger
     assert promoted.get_json()["previous_champion"]["version"] == champion
     assert resolve_version(own, "champion").version == challenger
@@ -540,6 +571,7 @@ def test_reload_reports_every_worker(live: Flask, celery_worker_proc: Any) -> No
     body = response.get_json()
     assert response.status_code == 200, body
     assert body["ok"] is True
+    ReloadResponse.model_validate(body)
     assert celery_worker_proc.hostname in {w["hostname"] for w in body["workers"]}
     assert all(line.startswith("ok") for line in body["summary"])
     _problem(client.post("/api/v1/model/reload?timeout=0", headers=AUTH), 400)
