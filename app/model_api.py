@@ -383,6 +383,7 @@ def _holders(svc: Services) -> dict[str, list[dict[str, Any]]]:
 def model_info() -> Response:
     """The served versions: identity, registry run and dates, card figures, live figures."""
     svc = services()
+    svc.live.flush()
     registered, registry_error = _registry_versions(svc)
     by_version = {v["version"]: v for v in registered}
     served = []
@@ -443,6 +444,7 @@ def model_performance() -> Response:
     """Live figures per version: requests, mean / P95 latency, cache hit rate, errors,
     fallbacks, and accuracy against posted ground truth."""
     svc = services()
+    svc.live.flush()  # this process's latest requests count too
     name = svc.settings.model_name
     targets: dict[str, list[str]] = {}
     for entry in _served(svc):

@@ -15,7 +15,7 @@ from redis import Redis
 
 from app.cache import PredictionCache, make_redis
 from app.dispatch import Dispatcher, make_celery
-from app.metrics import ApiMetrics
+from app.metrics import ApiMetrics, LiveCounters
 from app.model import ServedModels
 from heimdall.config import Settings
 from heimdall.traffic import PolicyMemo
@@ -48,6 +48,8 @@ class Services:
     policy: PolicyMemo
     """The traffic policy, read from the state Redis at most once a second."""
     metrics: ApiMetrics
+    live: LiveCounters
+    """Per-version live figures (requests, cache hits, latency), flushed to Redis each second."""
 
     @classmethod
     def build(cls, settings: Settings, metrics: ApiMetrics) -> Services:
@@ -69,6 +71,7 @@ class Services:
             model=ServedModels(settings),
             policy=PolicyMemo(client, settings.model_alias),
             metrics=metrics,
+            live=LiveCounters(client, settings.model_name),
         )
 
 
