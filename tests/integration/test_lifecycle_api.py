@@ -426,6 +426,45 @@ def test_info_and_versions_describe_what_is_served(live: Flask, celery_worker_pr
     assert any(h["hostname"] == celery_worker_proc.hostname for h in entry["held_by"])
 
 
+@pytest.fixture(scope="module")
+def split_worker(
+    worker_factory: Callable[..., Any], own_registry: tuple[Settings, str, str]
+) -> Any:
+    """A real worker on the private registry (champion + challenger), on its own queue."""
+    own, _, _ = own_registry
+    return worker_factory(
+        "lc-split@%h",
+        env_overrides={"HEIMDALL_VAR_DIR": str(own.var_dir), "HEIMDALL_EXTRA_MODELS": "challenger"},
+        queues="lc-split",
+    )
+
+
+def test_split_answers_come_from_the_chosen_version(
+    own_registry: tuple[Settings, str, str], split_worker: Any, request_factory: MakeRequest
+) -> None:
+    """Needs the worker side (workers that act on the job's version and alias)."""
+    own, champion, challenger = own_registry
+    versions = {"champion": champion, "challenger": challenger}
+    app = create_app(own.model_copy(update={"extra_models": ["challenger"]}))
+    services(app).celery.conf.task_routes = {"heimdall.*": {"queue": "lc-split"}}
+    client = app.test_client()
+    document = {"weights": {"champion": 50, "challenger": 50}}
+    assert client.put("/api/v1/model/traffic", json=document, headers=AUTH).status_code == 200
+    policy = parse_policy(document, None)
+    body = request_factory(5501)
+    answers = []
+    for i in range(16):
+        response = client.post("/api/v1/predict", json={**body, "routing_key": f"split-{i}"})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        answers.append((route(f"split-{i}", policy), response.get_json()))
+    if all(answer["model"]["version"] == champion for _, answer in answers):
+        pytest.skip("these workers answer every job with their champion (version not acted on)")
+    for expected, answer in answers:
+        assert answer["model"]["version"] == versions[expected], answer["model"]
+        assert answer["fallback"] is False
+    assert {expected for expected, _ in answers} == {"champion", "challenger"}
+
+
 # -- ground truth --------------------------------------------------------------------------
 
 
