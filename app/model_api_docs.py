@@ -1,15 +1,15 @@
 """HTTP documents of the model lifecycle endpoints (app/model_api.py), declared once.
 
 Each request and response body is a pydantic model; :data:`OPERATIONS` lists
-the operations for the generated OpenAPI document. Until ``app/schemas.py``
-provides the shared :class:`Operation` and ``Problem``, identical local
-declarations stand in (same fields, same meaning).
+the operations for the generated OpenAPI document. :class:`Operation` and
+:class:`Problem` stand in for the shared ones of ``app/schemas.py`` (same
+fields, same meaning) and are meant to be replaced by them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,12 +26,15 @@ class Operation:
     request: type[BaseModel] | None = None
     query: tuple[tuple[str, str, str], ...] = ()
     admin: bool = False
+    description: str = ""
+    operation_id: str = ""
 
 
 class Problem(BaseModel):
     """An ``application/problem+json`` body."""
 
     model_config = ConfigDict(extra="allow")
+    media_type: ClassVar[str] = "application/problem+json"
 
     type: str
     title: str
@@ -154,8 +157,8 @@ class TruthRequest(BaseModel):
     longitude: float = Field(ge=-180, le=180, examples=[7.69])
 
 
-class Position(BaseModel):
-    """A point, degrees."""
+class TruthPosition(BaseModel):
+    """Where the transmitter really was, degrees."""
 
     latitude: float
     longitude: float
@@ -179,7 +182,7 @@ class TruthResponse(BaseModel):
     """The scores recorded for the job (once per job)."""
 
     job_id: str
-    truth: Position
+    truth: TruthPosition
     scores: list[Score]
 
 
