@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from flask import Flask, Response
 
-from app import api, health, openapi
+from app import api, health, model_api, openapi
+from app.auth import register_auth
 from app.errors import register_error_handlers
 from app.logs import configure_logging, install_request_hooks
 from app.metrics import init_metrics
@@ -53,10 +54,12 @@ def create_app(config: Settings | None = None) -> Flask:
     app.extensions[EXTENSION] = Services.build(settings, counters)
 
     register_error_handlers(app)
+    register_auth(app)
     install_request_hooks(
         app, lambda problem_type: counters.prediction_errors.labels(type=problem_type).inc()
     )
     app.register_blueprint(api.bp)
+    app.register_blueprint(model_api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     # Registered last so it runs on every response, problem documents included.

@@ -23,8 +23,10 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from app.dispatch import Finished, JobRecord, job_status
 from app.errors import RemoteProblem, WorkerFailure, problem_type_slug
+from app.model import Choice
 from app.services import Services, services
 from heimdall import batch
+from heimdall.contract import MSG_ALIAS, MSG_VERSION, RESULT_FALLBACK, RESULT_FALLBACK_REASON
 from heimdall.errors import (
     HeimdallError,
     InvalidInput,
@@ -35,8 +37,10 @@ from heimdall.errors import (
     UnsupportedMediaType,
 )
 from heimdall.iq import DecodedRequest, decode_request
+from heimdall.lifecycle import PerfEvent
 from heimdall.registry import ResolvedModel
 from heimdall.stations import load_network
+from heimdall.traffic import MAX_ROUTING_KEY_CHARS, TrafficPolicy
 
 log = logging.getLogger("heimdall.api")
 
@@ -187,9 +191,106 @@ def _cache_batch_results(
     fresh = [
         (digests[str(it["index"])], it["result"])
         for it in document["items"]
-        if it["status"] == "ok" and not it["cached"] and str(it["index"]) in digests
+        if it["status"] == "ok"
+        and not it["cached"]
+        and str(it["index"]) in digests
+        and not it["result"].get(RESULT_FALLBACK)
     ]
     svc.cache.put_many(fresh)
+
+
+# -- routing -------------------------------------------------------------------------------
+
+
+ROUTING_KEY = "routing_key"
+"""Optional top-level field of a predict request (and of each batch item): the sticky key."""
+
+_ROUTING_KEY_BYTES = b'"routing_key"'
+
+
+def routing_key(payload: Any, field: str = ROUTING_KEY) -> str | None:
+    """The client's ``routing_key`` (a string of 1-200 characters), None when absent."""
+    if not isinstance(payload, Mapping):
+        return None
+    value = payload.get(ROUTING_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ROUTING_KEY_CHARS:
+        raise InvalidRequest(
+            f"'routing_key' must be a string of 1 to {MAX_ROUTING_KEY_CHARS} characters",
+            field=field,
+        )
+    return value
+
+
+def _champion_only(svc: Services, policy: TrafficPolicy) -> Choice | None:
+    """The champion as the choice when the policy sends it everything (the fast path)."""
+    if policy.sends_all_to(svc.model.champion_target):
+        return Choice(svc.model.champion_target, svc.model.current())
+    return None
+
+
+def _note_choice(choice: Choice) -> None:
+    g.log_fields["model_version"] = choice.version
+    g.log_fields["target"] = choice.target
+
+
+def answered(result: Mapping[str, Any], choice: Choice | None = None) -> dict[str, Any]:
+    """``result`` with its fallback fields, marked as a fallback when ``choice`` had to be.
+
+    A target the API could not resolve was sent by alias only; when the
+    champion answered it, the response says so (older workers do not).
+    """
+    out = dict(result)
+    out.setdefault(RESULT_FALLBACK, False)
+    out.setdefault(RESULT_FALLBACK_REASON, None)
+    if choice is not None and choice.fallback_reason is not None and not out[RESULT_FALLBACK]:
+        model = out.get("model")
+        if isinstance(model, dict) and str(model.get("version")) == choice.version:
+            out[RESULT_FALLBACK] = True
+            out[RESULT_FALLBACK_REASON] = choice.fallback_reason
+    return out
+
+
+def _answering_version(result: Mapping[str, Any], default: str) -> str:
+    model = result.get("model")
+    return str(model.get("version") or default) if isinstance(model, dict) else default
+
+
+def _send_shadows(
+    svc: Services,
+    policy: TrafficPolicy,
+    choice: Choice,
+    decoded: DecodedRequest,
+    digest: str,
+    job_id: str,
+) -> None:
+    """Send a copy of a computed request to each shadow target but the chosen one.
+
+    Fire and forget: a shadow that cannot be resolved or sent is logged, never
+    fails the client's request.
+    """
+    routes = []
+    for target in policy.shadow:
+        if target == choice.target:
+            continue
+        model = svc.model.resolve(target)
+        if model is None:
+            log.info("shadow target not resolvable, skipped", extra={"target": target})
+            continue
+        routes.append({MSG_VERSION: model.identity.version, MSG_ALIAS: target})
+    if not routes:
+        return
+    try:
+        jobs = svc.dispatcher.jobs_for(
+            [decoded] * len(routes), [digest] * len(routes), g.request_id, routes
+        )
+        g.log_fields["shadows"] = svc.dispatcher.submit_shadows(jobs, job_id)
+    except Exception as exc:
+        log.warning(
+            "shadow copies not sent",
+            extra={"job_id": job_id, "error": f"{type(exc).__name__}: {exc}"},
+        )
 
 
 # -- single prediction ---------------------------------------------------------------------
@@ -201,33 +302,54 @@ def predict() -> Response:
     svc = services()
     raw = raw_body()
     timeout_s = wait_budget(svc.settings.predict_timeout_s)
-    model = svc.model.current()
-    name, version = model.identity.name, model.identity.version
-    g.log_fields["model_version"] = version
+    policy = svc.policy.current()
     # A repeated body is answered from its bytes' digest, before any parsing
-    # or decoding: a hit costs one hash and one GET.
+    # or decoding: a hit costs one hash and one GET. A split policy routes by
+    # that digest too, unless the body names its own routing key.
     body_digest = hashlib.sha256(raw).hexdigest()
-    hit = svc.cache.get_body(name, version, body_digest)
+    payload: Any = None
+    choice = _champion_only(svc, policy)
+    if choice is None:
+        key = None
+        if _ROUTING_KEY_BYTES in raw:
+            payload = parse_json(raw)
+            key = routing_key(payload)
+        choice = svc.model.choose(key or body_digest, policy)
+    _note_choice(choice)
+    model = choice.model
+    name, version = model.identity.name, model.identity.version
+    cacheable = choice.fallback_reason is None
+    hit = svc.cache.get_body(name, version, body_digest) if cacheable else None
     if hit is None:
-        decoded = decode(parse_json(raw), model, svc.settings.min_stations)
+        if payload is None:
+            payload = parse_json(raw)
+            routing_key(payload)
+        decoded = decode(payload, model, svc.settings.min_stations)
         digest = decoded.digest()
-        hit = svc.cache.get(name, version, digest)
-        if hit is not None:
-            svc.cache.put_body(body_digest, hit)
+        if cacheable:
+            hit = svc.cache.get(name, version, digest)
+            if hit is not None:
+                svc.cache.put_body(body_digest, hit)
     g.log_fields["cached"] = hit is not None
     if hit is not None:
-        return _json({**hit, "cached": True, "request_id": g.request_id, "job_id": None})
+        body = answered(hit)
+        g.fallback = bool(body[RESULT_FALLBACK])
+        return _json({**body, "cached": True, "request_id": g.request_id, "job_id": None})
 
     # The same input already in flight (another client, a retry): wait for
     # that job's answer instead of computing it twice.
     inflight = (name, version, digest)
-    running = svc.dispatcher.in_flight(*inflight)
+    running = svc.dispatcher.in_flight(*inflight) if cacheable else None
     owner = running is None
     if running is None:
-        job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id)[0]
+        job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id, [choice.message_fields()])[
+            0
+        ]
         job_id = svc.dispatcher.submit_predict(
-            job, request_id=g.request_id, digest=digest, inflight=inflight
+            job, request_id=g.request_id, digest=digest, inflight=inflight if cacheable else None
         )
+        if policy.shadow:
+            _send_shadows(svc, policy, choice, decoded, digest, job_id)
     else:
         job_id = running
     g.log_fields["job_id"] = job_id
@@ -235,10 +357,15 @@ def predict() -> Response:
     finished = svc.dispatcher.wait(job_id, timeout_s)
     if finished is None:
         return _timed_out(svc, job_id, "predict")
-    result = predict_outcome(finished, job_id)
+    result = answered(predict_outcome(finished, job_id), choice)
+    g.fallback = bool(result[RESULT_FALLBACK])
+    g.log_fields["model_version"] = _answering_version(result, version)
     if owner:
-        svc.cache.put(digest, result, body_digest=body_digest)
-        svc.dispatcher.settle(job_id, inflight=inflight)
+        # A fallback answer is the champion's, not the chosen version's: never
+        # cached, so a later request routed the same way tries its version again.
+        if not result[RESULT_FALLBACK]:
+            svc.cache.put(digest, result, body_digest=body_digest)
+        svc.dispatcher.settle(job_id, inflight=inflight if cacheable else None)
     return _json({**result, "cached": False, "request_id": g.request_id, "job_id": job_id})
 
 
@@ -246,13 +373,20 @@ def predict() -> Response:
 def predict_async() -> Response:
     """Queue one prediction; 202 with the job to poll."""
     svc = services()
-    payload = json_body()
-    model = svc.model.current()
-    g.log_fields["model_version"] = model.identity.version
-    decoded = decode(payload, model, svc.settings.min_stations)
+    raw = raw_body()
+    payload = parse_json(raw)
+    key = routing_key(payload)
+    policy = svc.policy.current()
+    choice = _champion_only(svc, policy) or svc.model.choose(
+        key or hashlib.sha256(raw).hexdigest(), policy
+    )
+    _note_choice(choice)
+    decoded = decode(payload, choice.model, svc.settings.min_stations)
     digest = decoded.digest()
-    job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id)[0]
+    job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id, [choice.message_fields()])[0]
     job_id = svc.dispatcher.submit_predict(job, request_id=g.request_id, digest=digest)
+    if policy.shadow:
+        _send_shadows(svc, policy, choice, decoded, digest, job_id)
     return _accepted(job_id, "queued")
 
 
@@ -269,6 +403,26 @@ def predict_batch() -> Response:
 def predict_batch_async() -> Response:
     """Queue a batch; 202 with the job (the chord callback) to poll."""
     return _batch(wait=False)
+
+
+def _decode_item(
+    svc: Services, item: Any, index: int, policy: TrafficPolicy, fast: Choice | None
+) -> tuple[Choice, DecodedRequest]:
+    """Route one batch item (its routing_key, else its input digest) and validate it."""
+    key = routing_key(item, field=f"items[{index}].{ROUTING_KEY}")
+    if fast is not None:
+        return fast, decode(item, fast.model, svc.settings.min_stations)
+    if key is not None:
+        choice = svc.model.choose(key, policy)
+        return choice, decode(item, choice.model, svc.settings.min_stations)
+    # No key of its own: routed by its canonical input, read with the champion's
+    # card, then checked again against the chosen version's when it differs.
+    champion = svc.model.current()
+    decoded = decode(item, champion, svc.settings.min_stations)
+    choice = svc.model.choose(decoded.digest(), policy)
+    if choice.model.card != champion.card:
+        decoded = decode(item, choice.model, svc.settings.min_stations)
+    return choice, decoded
 
 
 def _batch(*, wait: bool) -> Response:
@@ -295,51 +449,55 @@ def _batch(*, wait: bool) -> Response:
     if not items:
         raise InvalidInput("'items' is empty; send at least one predict request", field="items")
 
-    model = svc.model.current()
-    g.log_fields["model_version"] = model.identity.version
-    answered: dict[int, Item] = {}
-    valid: list[tuple[int, DecodedRequest, str]] = []
+    policy = svc.policy.current()
+    fast = _champion_only(svc, policy)
+    g.log_fields["model_version"] = svc.model.current().identity.version
+    answered_items: dict[int, Item] = {}
+    valid: list[tuple[int, DecodedRequest, str, Choice]] = []
     for index, item in enumerate(items):
         try:
-            decoded = decode(item, model, settings.min_stations)
+            choice, decoded = _decode_item(svc, item, index, policy, fast)
         except HeimdallError as exc:
-            located = _in_item(exc, index)
+            located = exc if exc.field and exc.field.startswith("items[") else _in_item(exc, index)
             if not continue_on_error:
                 raise located from exc
-            answered[index] = _item("error", located.to_problem(), False)
-            _count_problem(svc, answered[index]["problem"])
+            answered_items[index] = _item("error", located.to_problem(), False)
+            _count_problem(svc, answered_items[index]["problem"])
             continue
-        valid.append((index, decoded, decoded.digest()))
+        valid.append((index, decoded, decoded.digest(), choice))
 
-    hits = svc.cache.get_many(
-        model.identity.name, model.identity.version, [digest for _, _, digest in valid]
-    )
     todo = []
-    for (index, decoded, digest), hit in zip(valid, hits, strict=True):
+    for (index, decoded, digest, choice), hit in zip(valid, _cached_items(svc, valid), strict=True):
         if hit is not None:
-            answered[index] = _item("ok", hit, True)
+            answered_items[index] = _item("ok", answered(hit), True)
         else:
-            todo.append((index, decoded, digest))
+            todo.append((index, decoded, digest, choice))
     g.log_fields["items"] = len(items)
+    # One version per chunk: each chunk is one ONNX run of one model (_chunk_positions).
+    todo.sort(key=lambda entry: (entry[3].target, entry[0]))
+    reasons = {index: choice for index, _, _, choice in todo if choice.fallback_reason}
 
     if not todo and wait:
-        local = {"items": [{"index": i, **answered[i]} for i in sorted(answered)]}
+        local = {"items": [{"index": i, **answered_items[i]} for i in sorted(answered_items)]}
         elapsed = (time.time() - started) * 1000.0
-        return _json(
-            batch_document(local, job_id=None, request_id=g.request_id, elapsed_ms=elapsed)
-        )
+        document = batch_document(local, job_id=None, request_id=g.request_id, elapsed_ms=elapsed)
+        _note_batch(document)
+        return _json(document)
 
     jobs = svc.dispatcher.jobs_for(
-        [decoded for _, decoded, _ in todo], [digest for _, _, digest in todo], g.request_id
+        [decoded for _, decoded, _, _ in todo],
+        [digest for _, _, digest, _ in todo],
+        g.request_id,
+        [choice.message_fields() for _, _, _, choice in todo],
     )
-    size = settings.batch_chunk_size
-    chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
+    groups = _chunk_positions(
+        [choice.target for _, _, _, choice in todo], settings.batch_chunk_size
+    )
+    chunks = [[jobs[p] for p in group] for group in groups]
     meta = {
         "total": len(items),
-        "chunks": [
-            [index for index, _, _ in todo[k : k + size]] for k in range(0, len(todo), size)
-        ],
-        "answered": {str(i): item for i, item in answered.items()},
+        "chunks": [[todo[p][0] for p in group] for group in groups],
+        "answered": {str(i): item for i, item in answered_items.items()},
         "request_id": g.request_id,
         "started_at": started,
     }
@@ -347,7 +505,7 @@ def _batch(*, wait: bool) -> Response:
         chunks,
         meta,
         request_id=g.request_id,
-        digests={index: digest for index, _, digest in todo},
+        digests={index: digest for index, _, digest, _ in todo},
     )
     g.log_fields["job_id"] = job_id
     if not wait:
@@ -365,12 +523,60 @@ def _batch(*, wait: bool) -> Response:
     document = batch_document(
         finished.value, job_id=job_id, request_id=g.request_id, elapsed_ms=elapsed
     )
-    _cache_batch_results(svc, document, {str(i): d for i, _, d in todo})
+    for it in document["items"]:
+        if it["status"] == "ok":
+            it["result"] = answered(it["result"], reasons.get(it["index"]))
+    _cache_batch_results(svc, document, {str(i): d for i, _, d, _ in todo})
     svc.dispatcher.settle(job_id)
     for it in document["items"]:
-        if it["status"] == "error" and it["index"] not in answered:
+        if it["status"] == "error" and it["index"] not in answered_items:
             _count_problem(svc, it["problem"])
+    _note_batch(document)
     return _json(document)
+
+
+def _chunk_positions(targets: list[str], size: int) -> list[list[int]]:
+    """Positions of (target-sorted) jobs cut into chunks of at most ``size``, one target each."""
+    groups: list[list[int]] = []
+    for position, target in enumerate(targets):
+        if not groups or len(groups[-1]) >= size or targets[groups[-1][0]] != target:
+            groups.append([])
+        groups[-1].append(position)
+    return groups
+
+
+def _cached_items(
+    svc: Services, valid: list[tuple[int, DecodedRequest, str, Choice]]
+) -> list[dict[str, Any] | None]:
+    """Cached results of the routed items, one lookup per version (none for fallbacks)."""
+    found: list[dict[str, Any] | None] = [None] * len(valid)
+    by_version: dict[tuple[str, str], list[int]] = {}
+    for position, (_, _, _, choice) in enumerate(valid):
+        if choice.fallback_reason is None:
+            identity = choice.model.identity
+            by_version.setdefault((identity.name, identity.version), []).append(position)
+    for (name, version), positions in by_version.items():
+        hits = svc.cache.get_many(name, version, [valid[p][2] for p in positions])
+        for position, hit in zip(positions, hits, strict=True):
+            found[position] = hit
+    return found
+
+
+def _note_batch(document: Mapping[str, Any]) -> None:
+    """Leave each item's answering version for the per-version live figures."""
+    events = []
+    for it in document["items"]:
+        if it["status"] != "ok":
+            continue
+        result = it["result"]
+        events.append(
+            PerfEvent(
+                version=_answering_version(result, "none"),
+                cached=bool(it.get("cached")),
+                fallback=bool(result.get(RESULT_FALLBACK)),
+            )
+        )
+    g.perf_events = events
 
 
 # -- jobs ----------------------------------------------------------------------------------

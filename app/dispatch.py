@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,9 +95,18 @@ class Dispatcher:
     # -- payloads ---------------------------------------------------------------------------
 
     def jobs_for(
-        self, requests: Sequence[DecodedRequest], digests: Sequence[str], request_id: str
+        self,
+        requests: Sequence[DecodedRequest],
+        digests: Sequence[str],
+        request_id: str,
+        routes: Sequence[Mapping[str, str]] | None = None,
     ) -> list[dict[str, Any]]:
-        """Job messages for ``requests``: claim-checked in Redis, inline base64 if that fails."""
+        """Job messages for ``requests``: claim-checked in Redis, inline base64 if that fails.
+
+        ``routes`` gives each job the version the traffic policy chose
+        (``{MSG_VERSION, MSG_ALIAS}``, see :meth:`app.model.Choice.message_fields`);
+        without it the workers answer with their champion.
+        """
         blobs = [r.to_bytes() for r in requests]
         keys = [contract.payload_key(digest) for digest in digests]
         stored = False
@@ -119,7 +128,9 @@ class Dispatcher:
                 jobs.append({"payload_key": key, "payload_b64": None})
             else:
                 jobs.append({"payload_key": None, "payload_b64": base64.b64encode(blob).decode()})
-            jobs[-1]["request_id"] = request_id
+            jobs[-1][contract.MSG_REQUEST_ID] = request_id
+        for job, route in zip(jobs, routes or (), strict=False):
+            job.update(route)
         return jobs
 
     # -- job records ------------------------------------------------------------------------
@@ -231,6 +242,36 @@ class Dispatcher:
                 extra={"job_id": job_id, "error": f"{type(exc).__name__}: {exc}"},
             )
         return job_id
+
+    def submit_shadows(self, jobs: Sequence[dict[str, Any]], primary_job_id: str) -> int:
+        """Send each shadow copy (``heimdall.shadow``); fire and forget, never raises.
+
+        Returns how many were sent. A copy that cannot be sent is logged and
+        its payload deleted: the client's answer never depends on a shadow.
+        """
+        sent = 0
+        for job in jobs:
+            try:
+                self.celery.send_task(
+                    contract.SHADOW_TASK, args=[job, primary_job_id], ignore_result=True
+                )
+                sent += 1
+            except Exception as exc:
+                log.warning(
+                    "shadow copy not sent",
+                    extra={
+                        "job_id": primary_job_id,
+                        "version": job.get(contract.MSG_VERSION),
+                        "error": f"{type(exc).__name__}: {exc}",
+                    },
+                )
+                if job.get(contract.MSG_PAYLOAD_KEY):
+                    self._forget_payloads([job[contract.MSG_PAYLOAD_KEY]])
+        return sent
+
+    def _forget_payloads(self, payload_keys: Sequence[str]) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.redis.delete(*payload_keys)
 
     def submit_batch(
         self,

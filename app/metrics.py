@@ -16,16 +16,24 @@ endpoint, kind, state) or from the registry's model versions.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import signals
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
+
+from heimdall import contract
+from heimdall.lifecycle import PerfEvent
+
+log = logging.getLogger("heimdall.api.metrics")
 
 SENT_AT_HEADER = "heimdall_sent_at"
 """Task message header: epoch seconds when the API published it (the worker's queue wait)."""
@@ -59,6 +67,7 @@ class ApiMetrics:
     jobs_finished: Counter
     batch_items: Histogram
     model_requests: Counter
+    fallbacks: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ApiMetrics:
@@ -126,8 +135,16 @@ class ApiMetrics:
             ),
             model_requests=Counter(
                 "heimdall_model_requests",
-                "Prediction requests by served model version and result (ok, error).",
+                "Prediction requests by the model version that answered (the one the traffic "
+                "policy chose when nothing answered) and result (ok, fallback, error).",
                 ["model_version", "result"],
+                registry=registry,
+            ),
+            fallbacks=Counter(
+                "heimdall_model_fallbacks",
+                "Predictions the champion answered because the version the traffic policy "
+                "chose could not, by the target chosen.",
+                ["target"],
                 registry=registry,
             ),
         )
@@ -199,20 +216,108 @@ def _install_hooks(app: Flask, metrics: ApiMetrics) -> None:
             metrics.batch_items.observe(items)
         if job_id:
             metrics.jobs_submitted.labels(kind=kind).inc()
-        result = "error" if status >= 400 else "ok"
+        fallback = bool(g.get("fallback"))
+        result = "error" if status >= 400 else "fallback" if fallback else "ok"
         version = str(fields.get("model_version") or "none")
         metrics.model_requests.labels(model_version=version, result=result).inc()
+        if fallback:
+            metrics.fallbacks.labels(target=str(fields.get("target") or "none")).inc()
+        elapsed_s = time.perf_counter() - started
+        _count_per_version(kind, waits, status, fields, fallback, elapsed_s)
         if not waits:
             return response
-        outcome = request_outcome(status, bool(fields.get("cached")), bool(g.get("fallback")))
+        outcome = request_outcome(status, bool(fields.get("cached")), fallback)
         endpoint = request.endpoint.removeprefix("api.") if request.endpoint else "unknown"
-        metrics.predict_latency.labels(endpoint=endpoint, outcome=outcome).observe(
-            time.perf_counter() - started
-        )
+        metrics.predict_latency.labels(endpoint=endpoint, outcome=outcome).observe(elapsed_s)
         if job_id:
             state = {"timeout": "timeout", "error": "failed"}.get(outcome, "succeeded")
             metrics.jobs_finished.labels(kind=kind, state=state).inc()
         return response
+
+
+def _count_per_version(
+    kind: str, waits: bool, status: int, fields: dict[str, Any], fallback: bool, elapsed_s: float
+) -> None:
+    """Add this request to the live counters of the version(s) that answered it.
+
+    A batch counts each answered item; a sync predict answered 200 also
+    counts its latency. The counters are summed in the process and written
+    by :class:`LiveCounters` at most once a second, so a cache hit still
+    costs one Redis round trip.
+    """
+    events: list[PerfEvent] | None = g.get("perf_events")
+    if events is None:
+        version = fields.get("model_version")
+        if version is None or kind == "batch":
+            return
+        events = [
+            PerfEvent(
+                version=str(version),
+                cached=bool(fields.get("cached")),
+                error=status >= 400,
+                fallback=fallback,
+                latency_ms=elapsed_s * 1000.0 if waits and status == 200 else None,
+            )
+        ]
+    from app.services import EXTENSION
+
+    svc = current_app.extensions.get(EXTENSION)
+    if svc is not None and events:
+        svc.live.add(events)
+
+
+class LiveCounters:
+    """Per-version live counters summed in this process, flushed to Redis every ``interval_s``.
+
+    The flush is one pipeline of HINCRBY / HINCRBYFLOAT into
+    ``perf_key(name, version)`` (the state Redis), read by
+    ``GET /api/v1/model/performance``. A Redis error keeps the sums for the
+    next flush; a process that stops loses at most its last interval.
+    """
+
+    def __init__(self, client: redis.Redis, model_name: str, interval_s: float = 1.0) -> None:
+        self._client = client
+        self._name = model_name
+        self._interval_s = interval_s
+        self._pending: dict[str, dict[str, float]] = {}
+        self._next_flush = time.monotonic() + interval_s
+        self._lock = threading.Lock()
+
+    def add(self, events: list[PerfEvent]) -> None:
+        """Count ``events``; flush when the interval has passed."""
+        with self._lock:
+            for event in events:
+                sums = self._pending.setdefault(event.version, {})
+                for field, amount in event.increments().items():
+                    sums[field] = sums.get(field, 0) + amount
+            due = time.monotonic() >= self._next_flush
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending sums now (errors logged; the sums are kept for the next try)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._next_flush = time.monotonic() + self._interval_s
+        if not pending:
+            return
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for version, sums in pending.items():
+                    key = contract.perf_key(self._name, version)
+                    for field, amount in sums.items():
+                        if isinstance(amount, int):
+                            pipe.hincrby(key, field, amount)
+                        else:
+                            pipe.hincrbyfloat(key, field, amount)
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.debug("live figures not written", extra={"error": f"{type(exc).__name__}: {exc}"})
+            with self._lock:
+                for version, sums in pending.items():
+                    mine = self._pending.setdefault(version, {})
+                    for field, amount in sums.items():
+                        mine[field] = mine.get(field, 0) + amount
 
 
 @signals.before_task_publish.connect

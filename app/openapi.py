@@ -46,6 +46,7 @@ OPENAPI_VERSION = "3.1.0"
 
 MODULES: list[str] = [
     "app.schemas",
+    "app.model_api_docs",
 ]
 """Modules whose ``OPERATIONS`` the document describes, in this order."""
 

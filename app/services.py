@@ -1,4 +1,4 @@
-"""The per-app service objects (settings, Redis, Celery client, model view, counters).
+"""The per-app service objects (settings, Redis, Celery client, models, policy, counters).
 
 Built once by :func:`app.create_app` and kept in ``app.extensions``; views
 reach them through :func:`services`, never through module globals, so several
@@ -15,9 +15,10 @@ from redis import Redis
 
 from app.cache import PredictionCache, make_redis
 from app.dispatch import Dispatcher, make_celery
-from app.metrics import ApiMetrics
-from app.model import ServedModel
+from app.metrics import ApiMetrics, LiveCounters
+from app.model import ServedModels
 from heimdall.config import Settings
+from heimdall.traffic import PolicyMemo
 
 EXTENSION = "heimdall"
 
@@ -42,8 +43,13 @@ class Services:
     celery: Celery
     cache: PredictionCache
     dispatcher: Dispatcher
-    model: ServedModel
+    model: ServedModels
+    """The champion and extra served targets (``.current()``: the champion)."""
+    policy: PolicyMemo
+    """The traffic policy, read from the state Redis at most once a second."""
     metrics: ApiMetrics
+    live: LiveCounters
+    """Per-version live figures (requests, cache hits, latency), flushed to Redis each second."""
 
     @classmethod
     def build(cls, settings: Settings, metrics: ApiMetrics) -> Services:
@@ -62,8 +68,10 @@ class Services:
             celery=celery,
             cache=PredictionCache(cache_client, settings, metrics),
             dispatcher=Dispatcher(settings, celery, client),
-            model=ServedModel(settings),
+            model=ServedModels(settings),
+            policy=PolicyMemo(client, settings.model_alias),
             metrics=metrics,
+            live=LiveCounters(client, settings.model_name),
         )
 
 

@@ -273,6 +273,97 @@ def _live_hostnames() -> list[str]:
         return []
 
 
+def cmd_traffic(args: argparse.Namespace) -> int:
+    """Show or set the traffic policy every API process routes by (the state Redis).
+
+    ``heimdall model traffic champion=90 challenger=10 --shadow challenger``;
+    no weights and no ``--shadow``: print the policy in force; ``--reset``:
+    everything to the champion again.
+    """
+    import redis
+
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    try:
+        return _set_traffic(args, client, settings.model_alias, settings.extra_models)
+    except (redis.RedisError, OSError) as exc:
+        print(
+            f"error: the state Redis (HEIMDALL_REDIS_URL) does not answer: {type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _set_traffic(args: argparse.Namespace, client: Any, champion: str, extra: list[str]) -> int:
+    import getpass
+    import socket
+
+    from heimdall import traffic
+
+    if args.reset:
+        client.delete(contract.TRAFFIC_KEY)
+    elif args.weights or args.shadow:
+        weights: dict[str, int] = {}
+        for assignment in args.weights:
+            target, sep, value = assignment.partition("=")
+            if not sep or not value.strip().isdigit():
+                print(
+                    f"error: {assignment!r} is not TARGET=WEIGHT (e.g. champion=90)",
+                    file=sys.stderr,
+                )
+                return 2
+            weights[target.strip()] = int(value)
+        current = traffic.read_policy(client, champion)
+        policy = traffic.parse_policy(
+            {"weights": weights or dict(current.weights), "shadow": args.shadow or []},
+            traffic.allowed_targets(champion, extra),
+            updated_at=round(time.time(), 3),
+            updated_by=f"cli:{getpass.getuser()}@{socket.gethostname()}",
+        )
+        traffic.write_policy(client, policy)
+    _print_json(traffic.read_policy(client, champion).to_dict())
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Point the champion alias at VERSION (the one it leaves becomes previous-champion)."""
+    from heimdall.lifecycle import promote
+
+    _print_json(promote(get_settings(), args.version).to_dict())
+    print("workers follow on reload: heimdall model reload", file=sys.stderr)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Point the champion alias back at previous-champion."""
+    from heimdall.lifecycle import rollback
+
+    _print_json(rollback(get_settings()).to_dict())
+    print("workers follow on reload: heimdall model reload", file=sys.stderr)
+    return 0
+
+
+def _add_lifecycle_commands(model: Any) -> None:
+    """``heimdall model traffic | promote | rollback``."""
+    p = model.add_parser("traffic", help="show or set the A/B traffic split and shadows")
+    p.add_argument(
+        "weights", nargs="*", metavar="TARGET=WEIGHT", help="e.g. champion=90 challenger=10"
+    )
+    p.add_argument(
+        "--shadow",
+        action="append",
+        metavar="TARGET",
+        help="send a copy of each computed request to TARGET (repeat for several)",
+    )
+    p.add_argument("--reset", action="store_true", help="send everything to the champion again")
+    p.set_defaults(func=cmd_traffic)
+    p = model.add_parser("promote", help="point the champion alias at a registered version")
+    p.add_argument("version", help="registry version number, e.g. 7")
+    p.set_defaults(func=cmd_promote)
+    p = model.add_parser("rollback", help="point the champion alias back at previous-champion")
+    p.set_defaults(func=cmd_rollback)
+
+
 def cmd_stations(args: argparse.Namespace) -> int:
     """Print the receiver network in force."""
     from heimdall.stations import load_network
@@ -354,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-north-m", type=float, default=-10_000.0, help="network output shift")
     p.add_argument("--out-dir", help="where to write it (default: var/variants/ALIAS)")
     p.set_defaults(func=cmd_variant)
+
+    _add_lifecycle_commands(model)
 
     p = sub.add_parser("stations", help="print the receiver network")
     p.set_defaults(func=cmd_stations)

@@ -153,7 +153,7 @@ class TrafficPolicy(BaseModel):
 OPERATIONS = [
     Operation(
         "put",
-        "/api/v1/model/traffic",
+        "/api/v1/example/traffic",
         "Set the traffic split",
         "model",
         {200: TrafficPolicy, 422: Problem},
@@ -162,14 +162,14 @@ OPERATIONS = [
     ),
     Operation(
         "post",
-        "/api/v1/jobs/{job_id}/truth",
+        "/api/v1/example/jobs/{job_id}/truth",
         "Ground truth of a job",
         "jobs",
         {200: TrafficPolicy, 404: Problem, 409: Problem},
         admin=True,
     ),
 ]
-"""This module's operations: a test adds the module to ``openapi.MODULES``."""
+"""Example operations (paths no app serves): a test adds this module to ``openapi.MODULES``."""
 
 
 def _spec() -> dict[str, Any]:
@@ -233,13 +233,13 @@ def test_adding_a_module_adds_its_operations_with_admin_security(
 
     spec = _spec()
 
-    traffic = spec["paths"]["/api/v1/model/traffic"]["put"]
+    traffic = spec["paths"]["/api/v1/example/traffic"]["put"]
     assert traffic["security"] == [{"adminToken": []}]
     assert {"200", "401", "403", "422"} == set(traffic["responses"])
     assert "WWW-Authenticate" in traffic["responses"]["401"]["headers"]
     assert spec["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
     assert "TrafficPolicy" in spec["components"]["schemas"]
-    truth = spec["paths"]["/api/v1/jobs/{job_id}/truth"]["post"]
+    truth = spec["paths"]["/api/v1/example/jobs/{job_id}/truth"]["post"]
     job_id = next(p for p in truth["parameters"] if p.get("name") == "job_id")
     assert job_id["in"] == "path" and job_id["schema"]["pattern"]
     assert "model" in [tag["name"] for tag in spec["tags"]]
