@@ -101,7 +101,8 @@ def _drain_on_term(server: Any, drain: Drain, drain_s: float) -> None:
 
     gunicorn closes its listeners as soon as it handles SIGTERM, so a load
     balancer that has not yet seen the instance go would get refused
-    connections. Instead the first SIGTERM only marks the instance draining
+    connections (or ones the kernel queues until the workers exit, then
+    resets). Instead the first SIGTERM only marks the instance draining
     and queues a second SIGTERM ``drain_s`` later; that one (or an operator's)
     runs gunicorn's own handler. gunicorn looks its signal handlers up on the
     arbiter by name, so replacing the instance attribute is enough.
@@ -141,9 +142,9 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def pre_request(worker: Any, req: Any) -> None:
-    """While draining, close each connection after its response.
+    """Log the request at debug level (gunicorn's default); while draining, close its connection.
 
-    A keep-alive client then opens a new connection for its next request,
+    After its response, a keep-alive client opens a new connection for its next request,
     which its load balancer sends to an instance that is not draining.
     """
     worker.log.debug("%s %s", req.method, req.path)
