@@ -393,6 +393,8 @@ def test_sigterm_to_the_worker_loses_no_job(
 ) -> None:
     api = start_gunicorn({})
     broker: redis.Redis = redis_server.client(BROKER_DB)
+    # Only this test's messages: nothing another test of the module left behind.
+    broker.flushdb()
     jobs: list[str] = []
     with requests.Session() as http:
         # Queued while no worker runs: the first worker finds a backlog it cannot
