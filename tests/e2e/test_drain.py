@@ -4,8 +4,10 @@ The module runs a service of its own on the session's private Redis (broker,
 results, state and cache on databases nobody else uses), so the session's
 shared worker never takes its tasks and no other test sees its heartbeats.
 Each test starts its own gunicorn and workers and stops what it started. The
-workers are not waited on with a control broadcast (one to a worker on these
-databases got no reply): the tests wait on /ready (heartbeats) or on the jobs.
+workers are not waited on with a control broadcast: Celery publishes it through
+the client app's producer pool, whose broker is this process's CELERY_BROKER_URL
+(the session's database), so a worker on these databases never hears it. The
+tests wait on /ready (heartbeats) or on the jobs instead.
 Nothing asserts a timing beyond "within the deadline": what the clients saw
 and when is printed as JSON for the record.
 """
