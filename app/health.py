@@ -8,6 +8,11 @@ rewrite every few seconds (``heimdall:workers:*``, see tasks/model.py): no
 broadcast on the probe path, so a probe costs a few Redis round trips whatever
 the workers are doing, and its answer is kept for a second so a storm of
 probes costs no more than one.
+
+While the server that runs the app is draining (SIGTERM to gunicorn, see
+deploy/gunicorn.conf.py) ``/ready`` answers 503 at once, without asking
+Redis, so a load balancer takes the instance out before it stops accepting;
+``/health`` stays 200 so nothing restarts it meanwhile.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
 from app.errors import problem_response
 from app.services import Services, services
@@ -31,6 +36,22 @@ bp = Blueprint("health", __name__)
 
 READY_MEMO_S = 1.0
 """How long one readiness verdict is reused, seconds."""
+
+DRAINING_EXTENSION = "heimdall.draining"
+"""Key in ``app.extensions`` of a callable answering whether the server is draining.
+
+The server that runs the app sets it (deploy/gunicorn.conf.py); an app without
+it never drains (``flask run``, the tests' in-process client)."""
+
+DRAINING_PROBLEM: dict[str, Any] = {
+    "type": "urn:heimdall:problem:draining",
+    "title": "Draining",
+    "status": 503,
+    "detail": "this instance is shutting down: it still answers requests, but send new ones "
+    "elsewhere",
+    "draining": True,
+}
+"""The readiness answer while the server drains."""
 
 _memo_lock = threading.Lock()
 _memo: dict[int, tuple[float, int, dict[str, Any]]] = {}
@@ -45,7 +66,12 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> Response:
-    """200 when Redis, the broker, the model and a live loaded worker are there; 503 otherwise."""
+    """200 when Redis, the broker, the model and a live loaded worker are there; 503 otherwise.
+
+    503 ``draining`` once the server is shutting down, whatever the rest says.
+    """
+    if draining():
+        return problem_response(DRAINING_PROBLEM)
     svc = services()
     now = time.monotonic()
     with _memo_lock:
@@ -59,6 +85,12 @@ def ready() -> Response:
     if status != 200:
         return problem_response(body)
     return jsonify(body)
+
+
+def draining() -> bool:
+    """Whether the server running this app is draining (see :data:`DRAINING_EXTENSION`)."""
+    is_draining = current_app.extensions.get(DRAINING_EXTENSION)
+    return bool(is_draining is not None and is_draining())
 
 
 def readiness(svc: Services) -> tuple[int, dict[str, Any]]:

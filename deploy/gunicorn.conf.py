@@ -4,11 +4,22 @@ Environment: ``HEIMDALL_API_BIND`` (default 0.0.0.0:8000), ``HEIMDALL_API_WORKER
 (default 2), ``HEIMDALL_API_THREADS`` (default 64), ``PROMETHEUS_MULTIPROC_DIR``
 (default var/prometheus), ``HEIMDALL_API_CONTROL_SOCKET`` (default var/run/gunicorn.ctl,
 ``off`` disables it), plus the service's own ``HEIMDALL_*`` settings.
+
+Shutdown: SIGTERM first drains for ``HEIMDALL_DRAIN_S`` (``/ready`` answers 503
+while every request is still answered), then gunicorn's own graceful stop runs
+(listeners closed, requests in flight finished within ``graceful_timeout``).
+The whole stop takes at most ``drain_s + graceful_timeout`` (5 + 15 s by
+default): the grace periods of deploy/supervisord.conf, deploy/k8s/api.yaml and
+docker-compose.yml are above that. A second SIGTERM skips the rest of the drain;
+SIGINT/SIGQUIT stop at once, as in plain gunicorn.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +47,8 @@ worker_class = "gthread"
 threads = int(os.environ.get("HEIMDALL_API_THREADS", "64"))
 # Above the longest wait a view does, so gunicorn never kills a healthy wait.
 timeout = int(_settings.predict_timeout_s) + 30
+# After the drain, a request in flight has this long to finish: its wait for a
+# worker ends after predict_timeout_s with a 202 and a job URL at the latest.
 graceful_timeout = int(_settings.predict_timeout_s) + 10
 keepalive = 5
 
@@ -63,11 +76,80 @@ access_log_format = (
 )
 
 
+class Drain:
+    """The draining flag of one gunicorn instance: set by the master, read by its workers.
+
+    One byte of anonymous shared memory, mapped before any worker forks, so every
+    worker (also one forked during the drain) sees the master's write at once,
+    and nothing on disk that a killed instance could leave behind for the next.
+    """
+
+    def __init__(self) -> None:
+        self._flag = mmap.mmap(-1, 1)
+
+    def begin(self) -> None:
+        """Mark the instance draining; it stays so until it exits."""
+        self._flag[0] = 1
+
+    def active(self) -> bool:
+        """Whether the instance is draining."""
+        return self._flag[0] == 1
+
+
+def _drain_on_term(server: Any, drain: Drain, drain_s: float) -> None:
+    """Make the master's SIGTERM drain for ``drain_s`` seconds before gunicorn's own stop.
+
+    gunicorn closes its listeners as soon as it handles SIGTERM, so a load
+    balancer that has not yet seen the instance go would get refused
+    connections (or ones the kernel queues until the workers exit, then
+    resets). Instead the first SIGTERM only marks the instance draining
+    and queues a second SIGTERM ``drain_s`` later; that one (or an operator's)
+    runs gunicorn's own handler. gunicorn looks its signal handlers up on the
+    arbiter by name, so replacing the instance attribute is enough.
+    """
+    graceful_stop = server.handle_term
+
+    def handle_term() -> None:
+        if drain.active():
+            graceful_stop()  # raises StopIteration: gunicorn halts gracefully
+        drain.begin()
+        server.log.info("Draining: /ready answers 503 for %g s, then graceful stop", drain_s)
+        timer = threading.Timer(drain_s, server.signal, args=(signal.SIGTERM, None))
+        timer.daemon = True
+        timer.start()
+
+    server.handle_term = handle_term
+
+
 def on_starting(server: Any) -> None:
-    """Start with an empty metrics directory: old workers' files would be counted again."""
+    """Empty the metrics directory and set up the drain, before any worker forks.
+
+    Old workers' metric files would be counted again. The drain flag is kept on
+    the arbiter, not in this module: a SIGHUP reloads this file, and workers
+    forked after it must still share the flag the master sets.
+    """
     _metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in _metrics_dir.glob("*.db"):
         stale.unlink(missing_ok=True)
+    server.heimdall_drain = Drain()
+    if _settings.drain_s > 0:
+        _drain_on_term(server, server.heimdall_drain, _settings.drain_s)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Hand the instance's drain flag to the new worker."""
+    worker.heimdall_drain = server.heimdall_drain
+
+
+def pre_request(worker: Any, req: Any) -> None:
+    """Log the request at debug level (gunicorn's default); while draining, close its connection.
+
+    After its response, a keep-alive client opens a new connection for its next request,
+    which its load balancer sends to an instance that is not draining.
+    """
+    worker.log.debug("%s %s", req.method, req.path)
+    if worker.heimdall_drain.active():
+        req.must_close = True
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -78,15 +160,17 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Resolve the served model before the first request reaches this worker.
+    """Let /ready see the drain flag; resolve the served model before the first request.
 
     The first resolution imports MLflow and reads the registry (2-3 s); doing it
     here keeps that off the first client's latency. A registry that is not
     reachable yet is not fatal: the views retry and answer 503 meanwhile.
     """
+    from app.health import DRAINING_EXTENSION
     from app.services import services
     from heimdall.errors import HeimdallError
 
+    worker.wsgi.extensions[DRAINING_EXTENSION] = worker.heimdall_drain.active
     try:
         services(worker.wsgi).model.current()
     except HeimdallError as exc:
