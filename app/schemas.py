@@ -446,8 +446,20 @@ class Ready(ReadinessChecks):
     status: Literal["ready"]
 
 
-class NotReady(Problem, ReadinessChecks):
-    """Not ready; detail says why and the checks show what was found."""
+class NotReady(Problem):
+    """Not ready; detail says why and the checks show what was found.
+
+    While the instance drains (SIGTERM) it answers at once with ``draining: true``
+    and runs no check, so the checks' members are then absent.
+    """
+
+    redis: str | Absent = absent("ok, or the error.")
+    broker: str | Absent = absent("ok, or the error (when the broker is not the state Redis).")
+    model: ModelIdentity | None = Field(None, description="The model the API resolves.")
+    workers: list[Worker] | Absent = absent()
+    loaded_children: int | Absent = absent()
+    model_versions: list[str] | Absent = absent()
+    draining: bool | Absent = absent("true while the instance shuts down: send requests elsewhere.")
 
 
 class PrometheusText(RootModel[str]):

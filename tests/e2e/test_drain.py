@@ -34,6 +34,7 @@ import requests
 
 from app import create_app
 from app.health import DRAINING_EXTENSION, DRAINING_PROBLEM
+from app.schemas import NotReady
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -254,6 +255,7 @@ def test_ready_answers_draining_while_health_stays_ok(service_env: dict[str, str
     assert ready.status_code == 503
     assert ready.headers["Content-Type"].startswith("application/problem+json")
     assert ready.get_json() == {**DRAINING_PROBLEM, "request_id": ready.headers["X-Request-ID"]}
+    NotReady.model_validate(ready.get_json())  # the document /openapi.json declares
     assert health.status_code == 200
 
 
