@@ -197,7 +197,10 @@ class Served:
             return self.versions[version], None
         if alias is not None and alias in self.aliases:
             return self.aliases[alias], None
-        named = f"version {version}" + (f" ({alias})" if alias else "")
+        if version is None:
+            named = f"target {alias}"
+        else:
+            named = f"version {version}" + (f" ({alias})" if alias else "")
         why = self.failed.get(alias) if alias is not None else None
         if why:
             return None, f"{named} failed to load on this worker: {why}"

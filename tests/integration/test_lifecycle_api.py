@@ -355,7 +355,9 @@ def test_the_champion_answers_a_target_that_is_not_registered(
         assert response.status_code == 200, response.get_data(as_text=True)
         result = response.get_json()
         assert result["fallback"] is True
-        assert result["fallback_reason"] == "target 99 is not registered"
+        # The API could not resolve it, so it sent the target by name only;
+        # the worker, which does not hold it either, says so.
+        assert result["fallback_reason"] == "target 99 is not loaded on this worker"
         assert result["model"]["version"] == champion
         assert result["cached"] is False  # a fallback answer is never cached
     metrics = client.get("/metrics").get_data(as_text=True)
