@@ -186,10 +186,11 @@ def reload_outcome(replies: list[dict[str, Any]]) -> tuple[int, list[str]]:
             body: dict[str, Any] = (
                 reply if isinstance(reply, dict) else {"ok": False, "error": repr(reply)}
             )
-            identity = body.get("model") or {}
+            held = body.get("models") or ([body["model"]] if body.get("model") else [])
             serving = (
-                f"{identity.get('name')} v{identity.get('version')} ({identity.get('alias')})"
-                if identity
+                f"{held[0].get('name')} "
+                + ", ".join(f"v{i.get('version')} ({i.get('alias')})" for i in held)
+                if held
                 else "no model"
             )
             if body.get("ok") is True:
