@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
-        "--calibration-scenes", type=int, default=600, help="scenes per calibration family"
+        "--calibration-scenes", type=int, default=1000, help="scenes per calibration family"
     )
     p.add_argument("--eval-scenes", type=int, default=300, help="evaluation scenes per family")
     p.set_defaults(func=cmd_train)
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-dir", help="folder with model.onnx + model_card.json (default: shipped)"
     )
-    p.add_argument("--scenes", type=int, default=600, help="scenes per calibration family")
+    p.add_argument("--scenes", type=int, default=1000, help="scenes per calibration family")
     p.add_argument("--seed", type=int, default=3, help="seed of the first calibration family")
     p.add_argument(
         "--eval-scenes", type=int, default=300, help="then evaluate and record (0: skip)"

@@ -156,6 +156,7 @@ class Localizer:
         self.stations_enu = _slot_enu(card)
         self.likelihood = baseline.LikelihoodParams(**card.fusion.get("likelihood", {}))
         self.covariance_model = CovarianceModel.from_fusion(card.fusion)
+        self.prior_scale = float(card.fusion.get("prior_scale", 1.0))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
@@ -195,8 +196,9 @@ class Localizer:
     ) -> tuple[np.ndarray, np.ndarray, list[baseline.Posterior]]:
         """Network estimate refined by the physical likelihood: (B, 2) m, (B, 2, 2) m^2, posteriors.
 
-        The network's Gaussian is the prior of the likelihood posterior on the
-        grid (clean data overrule it, noisy data lean on it); the posterior's
+        The network's Gaussian, its covariance times the card's ``prior_scale``,
+        is the prior of the likelihood posterior on the grid (clean data
+        overrule it, noisy data lean on it); the posterior's
         mean and covariance are the answer. The covariance is then scaled by
         :class:`CovarianceModel`, calibrated on held-out scene families.
         """
@@ -204,7 +206,12 @@ class Localizer:
         grid = baseline.search_grid(self.stations_enu, self.likelihood)
         posts = [
             baseline.posterior(
-                xi, mi, self.stations_enu, self.likelihood, grid, prior=(p, _covariance(u))
+                xi,
+                mi,
+                self.stations_enu,
+                self.likelihood,
+                grid,
+                prior=(p, _covariance(u) * self.prior_scale),
             )
             for xi, mi, p, u in zip(x, mask, position, uncertainty, strict=True)
         ]

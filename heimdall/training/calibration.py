@@ -140,7 +140,7 @@ def calibrate(
     model_dir: Path,
     network: Network,
     *,
-    n_scenes: int = 600,
+    n_scenes: int = 1000,
     seed: int = CALIBRATION_SEED,
     report: Callable[[str], None] = print,
 ) -> tuple[CovarianceModel, dict[str, Any]]:

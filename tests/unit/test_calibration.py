@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from heimdall.cli import main
-from heimdall.modelcard import ModelCard, sha256_file
+from heimdall.modelcard import ModelCard, ModelIdentity, sha256_file
 from heimdall.registry import shipped_model_dir
-from heimdall.runtime import CovarianceModel
+from heimdall.runtime import CovarianceModel, Localizer
+from heimdall.simulate.dataset import build_dataset
+from heimdall.simulate.families import EVALUATION
+from heimdall.stations import load_network
 from heimdall.training.calibration import FamilyResiduals, fit_covariance_model
 
 FITTED = CovarianceModel(scale=2.0, misfit_power=1.5, misfit_knee_db=5.0, outside_growth=0.8)
@@ -77,3 +80,26 @@ def test_calibrate_rewrites_the_fusion_block_and_leaves_the_network_alone(tmp_pa
     assert card.accuracy == before["accuracy"]
     summary = json.loads((model_dir / "training.json").read_text())
     assert summary["calibration_seed"] == 11 and summary["scenes"] == before["training"]["scenes"]
+
+
+def test_a_smaller_prior_scale_keeps_the_estimate_nearer_the_network(tmp_path):
+    network = load_network()
+    card = ModelCard.load(shipped_model_dir() / "model_card.json")
+    data = build_dataset(40, 5, network, EVALUATION["second-law"], card.features)
+    shifts = []
+    for prior_scale in (1.0, 0.5):
+        model_dir = tmp_path / str(prior_scale)
+        shutil.copytree(shipped_model_dir(), model_dir)
+        doc = json.loads((model_dir / "model_card.json").read_text())
+        doc["fusion"]["prior_scale"] = prior_scale
+        (model_dir / "model_card.json").write_text(json.dumps(doc))
+        served = Localizer(
+            model_dir / "model.onnx",
+            ModelCard.load(model_dir / "model_card.json"),
+            network,
+            ModelIdentity("local", "file", None),
+        )
+        net_position, _ = served.run(data.x, data.mask)
+        mean, _, _ = served.estimate(data.x, data.mask)
+        shifts.append(np.median(np.linalg.norm(mean - net_position, axis=1)))
+    assert shifts[1] < shifts[0]
