@@ -34,7 +34,7 @@ NETWORK_PRIOR_SCALE = 0.5
 
 Below 1 the likelihood, misspecified under shadowing it never models exactly,
 counts for less against the network. Chosen on calibration seeds (docs/model.md):
-0.5 lowered the worst noisy-family ratio to the baseline from 0.875 to 0.85;
+0.5 lowered the worst noisy-family ratio to the baseline from 0.88 to 0.85;
 0.3-0.4 trade the outside family for the others.
 """
 
