@@ -49,6 +49,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Re-fit the served covariance of a model (the shipped one by default), no retraining.
+
+    Writes the card's fusion block, then evaluates every family and records the
+    figures in the card (``--eval-scenes 0`` skips that).
+    """
+    from heimdall.registry import shipped_model_dir
+    from heimdall.stations import load_network
+    from heimdall.training.calibration import calibrate
+
+    network = load_network(get_settings().stations_file)
+    model_dir = Path(args.model_dir) if args.model_dir else shipped_model_dir()
+    calibrate(model_dir, network, n_scenes=args.scenes, seed=args.seed)
+    if args.eval_scenes > 0:
+        accuracy = _evaluate_dir(model_dir, args.eval_scenes)
+        _record_accuracy(model_dir, accuracy)
+        _print_table(accuracy)
+    return 0
+
+
 def _evaluate_dir(model_dir: Path, n_scenes: int, seed: int | None = None) -> dict[str, Any]:
     from heimdall.evaluation import EVAL_SEED, evaluate
     from heimdall.modelcard import ModelCard
@@ -91,26 +111,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
     else:
-        print(f"{report['n_scenes_per_family']} scenes per family (seed {report['seed']})")
-        head = (
-            "family",
-            "model med",
-            "base med",
-            "ratio",
-            "model P90",
-            "base P90",
-            "cov68",
-            "cov95",
-        )
-        print("{:11s} {:>10s} {:>10s} {:>6s} {:>10s} {:>10s} {:>6s} {:>6s}".format(*head))
-        for name, f in report["families"].items():
-            m, b = f["model"], f["baseline"]
-            print(
-                f"{name:11s} {m['median_error_m']:10.0f} {b['median_error_m']:10.0f} "
-                f"{f['model_to_baseline_median']:6.2f} {m['p90_error_m']:10.0f} "
-                f"{b['p90_error_m']:10.0f} {m['coverage_68']:6.3f} {m['coverage_95']:6.3f}"
-            )
+        _print_table(report)
     return 0
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    """The per-family evaluation as a text table."""
+    print(f"{report['n_scenes_per_family']} scenes per family (seed {report['seed']})")
+    head = (
+        "family",
+        "model med",
+        "base med",
+        "ratio",
+        "model P90",
+        "base P90",
+        "cov68",
+        "cov95",
+    )
+    print("{:11s} {:>10s} {:>10s} {:>6s} {:>10s} {:>10s} {:>6s} {:>6s}".format(*head))
+    for name, f in report["families"].items():
+        m, b = f["model"], f["baseline"]
+        print(
+            f"{name:11s} {m['median_error_m']:10.0f} {b['median_error_m']:10.0f} "
+            f"{f['model_to_baseline_median']:6.2f} {m['p90_error_m']:10.0f} "
+            f"{b['p90_error_m']:10.0f} {m['coverage_68']:6.3f} {m['coverage_95']:6.3f}"
+        )
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -384,9 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-scenes", type=int, default=4_000, help="validation scenes")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--calibration-scenes", type=int, default=400, help="calibration-family scenes")
+    p.add_argument(
+        "--calibration-scenes", type=int, default=1000, help="scenes per calibration family"
+    )
     p.add_argument("--eval-scenes", type=int, default=300, help="evaluation scenes per family")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="re-fit the served covariance on the calibration families (no retraining)",
+    )
+    p.add_argument(
+        "--model-dir", help="folder with model.onnx + model_card.json (default: shipped)"
+    )
+    p.add_argument("--scenes", type=int, default=1000, help="scenes per calibration family")
+    p.add_argument("--seed", type=int, default=3, help="seed of the first calibration family")
+    p.add_argument(
+        "--eval-scenes", type=int, default=300, help="then evaluate and record (0: skip)"
+    )
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="model vs baseline on held-out simulated scenes")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -67,6 +67,20 @@ def _stats(errors: np.ndarray) -> dict[str, float]:
     }
 
 
+def _coverage_by_flag(d2: np.ndarray, inside: np.ndarray) -> dict[str, float | None]:
+    """68 %/95 % coverage of the estimates that say ``inside_coverage`` true, and false.
+
+    A client trusts the two kinds differently, so the ellipses must be honest
+    for each, not only on average (None when a family has no estimate of a kind).
+    """
+    out: dict[str, float | None] = {}
+    for label, rows in (("inside", inside), ("flagged", ~inside)):
+        for confidence in (0.68, 0.95):
+            key = f"coverage_{round(confidence * 100)}_{label}"
+            out[key] = round(coverage(d2[rows], confidence), 4) if rows.any() else None
+    return out
+
+
 def evaluate_family(
     localizer: Any, network: Network, name: str, n_scenes: int, seed: int
 ) -> dict[str, Any]:
@@ -95,6 +109,7 @@ def evaluate_family(
             "coverage_68": round(coverage(d2, 0.68), 4),
             "coverage_95": round(coverage(d2, 0.95), 4),
             "inside_coverage_rate": round(float(inside.mean()), 4),
+            **_coverage_by_flag(d2, inside),
             "median_sigma_m": round(float(np.median(np.sqrt((sx**2 + sy**2) / 2))), 1),
         },
         "baseline": _stats(base_err),

@@ -30,6 +30,65 @@ STATION_POSITION_TOLERANCE_M = 50.0
 CONFIDENCES = (0.68, 0.95)
 COVERAGE_MARGIN_M = 20_000.0
 """An estimate farther than this outside the stations' convex hull is outside coverage."""
+MIN_MISFIT_DB = 1.5
+"""Smallest shadowing sigma the covariance model tells apart, dB (the likelihood's smallest)."""
+OUTSIDE_UNIT_M = 50_000.0
+"""Distance outside the hull over which the covariance grows by ``1 + outside_growth``, m."""
+
+
+@dataclass(frozen=True)
+class CovarianceModel:
+    """Heteroscedastic scale of the posterior covariance (the card's ``fusion`` block).
+
+    The variance factor of one estimate is
+
+        scale * (min(misfit, knee) / knee) ** misfit_power
+              * (1 + outside_growth * outside / 50 km) ** 2
+
+    ``misfit`` is the shadowing sigma the posterior settled on, dB (how badly
+    the powers fit any log-distance explanation; 1.5 dB at best): powers that
+    fit well shrink the ellipse, up to the knee it grows with the misfit;
+    beyond the knee the posterior's own sigma mixture has already widened it
+    as much as the errors grow. ``outside`` is how far the estimate lies beyond
+    the stations' hull (0 inside). The numbers are fitted on held-out scene
+    families (heimdall.training.calibration).
+    """
+
+    scale: float = 1.0
+    misfit_power: float = 0.0
+    misfit_knee_db: float = 6.0
+    outside_growth: float = 0.0
+
+    @classmethod
+    def from_fusion(cls, fusion: dict[str, Any]) -> CovarianceModel:
+        """Read the card's fusion block (a missing number keeps its neutral value)."""
+        return cls(
+            scale=float(fusion.get("covariance_scale", 1.0)),
+            misfit_power=float(fusion.get("misfit_power", 0.0)),
+            misfit_knee_db=float(fusion.get("misfit_knee_db", 6.0)),
+            outside_growth=float(fusion.get("outside_growth", 0.0)),
+        )
+
+    def to_fusion(self) -> dict[str, float]:
+        """The numbers as the card's fusion block stores them."""
+        return {
+            "covariance_scale": round(self.scale, 4),
+            "misfit_power": round(self.misfit_power, 4),
+            "misfit_knee_db": round(self.misfit_knee_db, 4),
+            "outside_growth": round(self.outside_growth, 4),
+        }
+
+    def shape(self, hull_distance_m: np.ndarray, misfit_db: np.ndarray) -> np.ndarray:
+        """The factor without ``scale``, per estimate."""
+        outside = np.maximum(np.asarray(hull_distance_m, dtype=float), 0.0) / OUTSIDE_UNIT_M
+        misfit = np.clip(np.asarray(misfit_db, dtype=float), MIN_MISFIT_DB, self.misfit_knee_db)
+        return (misfit / self.misfit_knee_db) ** self.misfit_power * (
+            1.0 + self.outside_growth * outside
+        ) ** 2
+
+    def factor(self, hull_distance_m: np.ndarray, misfit_db: np.ndarray) -> np.ndarray:
+        """Variance factor per estimate."""
+        return self.scale * self.shape(hull_distance_m, misfit_db)
 
 
 @dataclass(frozen=True)
@@ -96,8 +155,8 @@ class Localizer:
         self.calibration = _serving_calibration(card, network)
         self.stations_enu = _slot_enu(card)
         self.likelihood = baseline.LikelihoodParams(**card.fusion.get("likelihood", {}))
-        self.covariance_scale = float(card.fusion.get("covariance_scale", 1.0))
-        self.outside_growth = float(card.fusion.get("outside_growth", 0.0))
+        self.covariance_model = CovarianceModel.from_fusion(card.fusion)
+        self.prior_scale = float(card.fusion.get("prior_scale", 1.0))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
@@ -137,33 +196,31 @@ class Localizer:
     ) -> tuple[np.ndarray, np.ndarray, list[baseline.Posterior]]:
         """Network estimate refined by the physical likelihood: (B, 2) m, (B, 2, 2) m^2, posteriors.
 
-        The network's Gaussian is the prior of the likelihood posterior on the
-        grid (clean data overrule it, noisy data lean on it); the posterior's
+        The network's Gaussian, its covariance times the card's ``prior_scale``,
+        is the prior of the likelihood posterior on the grid (clean data
+        overrule it, noisy data lean on it); the posterior's
         mean and covariance are the answer. The covariance is then scaled by
-        :meth:`covariance_factor`, calibrated on a held-out scene family.
+        :class:`CovarianceModel`, calibrated on held-out scene families.
         """
         position, uncertainty = self.run(x, mask)
         grid = baseline.search_grid(self.stations_enu, self.likelihood)
         posts = [
             baseline.posterior(
-                xi, mi, self.stations_enu, self.likelihood, grid, prior=(p, _covariance(u))
+                xi,
+                mi,
+                self.stations_enu,
+                self.likelihood,
+                grid,
+                prior=(p, _covariance(u) * self.prior_scale),
             )
             for xi, mi, p, u in zip(x, mask, position, uncertainty, strict=True)
         ]
         means = np.array([post.mean_m for post in posts])
         covs = np.array([post.covariance_m2 for post in posts])
-        factor = self.covariance_factor(geo.hull_distance_m(means, self.stations_enu))
+        factor = self.covariance_model.factor(
+            geo.hull_distance_m(means, self.stations_enu), np.array([p.sigma_db for p in posts])
+        )
         return means, covs * factor[:, None, None], posts
-
-    def covariance_factor(self, hull_distance_m: np.ndarray) -> np.ndarray:
-        """Variance scale per estimate: ``scale * (1 + growth * outside / 50 km)^2``.
-
-        ``outside`` is how far the estimate lies beyond the stations' hull (0
-        inside): fixes outside the network are less certain than any model of
-        the network's geometry says. Both numbers come from the card.
-        """
-        outside = np.maximum(np.asarray(hull_distance_m, dtype=float), 0.0) / 50_000.0
-        return self.covariance_scale * (1.0 + self.outside_growth * outside) ** 2
 
     def localize(
         self,

@@ -1,12 +1,16 @@
 """Scene families: the training distribution and the shifted ones the model is judged on.
 
-``training`` is what the network learns from. ``calibration`` (a different
-terrain spectrum, stronger station errors, log-distance only) is held out to
-calibrate the covariance, so the ellipses are fitted on a family the network
-never saw. The evaluation families are never used for fitting anything:
-``second-law`` is an independently written propagation family (two-ray
-breakpoint law, rough exponential-spectrum terrain with short correlation),
-the others stress one nuisance each.
+``training`` is what the network learns from. The served covariance is
+calibrated on :data:`CALIBRATION_FAMILIES`, families the network never saw:
+``calibration`` (a different terrain spectrum, stronger station errors,
+log-distance only), ``calibration-smooth`` (the same with little shadowing, so
+the fit learns how far ellipses may shrink on good data), and the
+``second-law``, ``outside`` and ``sparse`` shifts drawn with the calibration
+seeds. The evaluation families are judged with their own seed
+(heimdall.evaluation.EVAL_SEED), never fitted on: ``second-law`` is an
+independently written propagation family (two-ray breakpoint law, rough
+exponential-spectrum terrain with short correlation), the others stress one
+nuisance each.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ CALIBRATION = TRAINING.but(
     terrain_kernel="exponential",
     terrain_sigma_db=(3.0, 10.0),
     station_bias_db=2.5,
+)
+
+CALIBRATION_SMOOTH = CALIBRATION.but(
+    terrain_sigma_db=(0.5, 2.0),
+    station_bias_db=0.5,
+    rician_k_db=(10.0, 20.0),
 )
 
 EVALUATION: dict[str, SimulationParams] = {
@@ -45,3 +55,12 @@ EVALUATION: dict[str, SimulationParams] = {
 """Evaluation families by name; the noisy ones are all but ``clean``."""
 
 NOISY = ("held-out", "second-law", "sparse", "outside", "fading")
+
+CALIBRATION_FAMILIES: dict[str, SimulationParams] = {
+    "calibration": CALIBRATION,
+    "calibration-smooth": CALIBRATION_SMOOTH,
+    "second-law": EVALUATION["second-law"],
+    "outside": EVALUATION["outside"],
+    "sparse": EVALUATION["sparse"],
+}
+"""Families the served covariance is fitted on (with seeds the evaluation never uses)."""

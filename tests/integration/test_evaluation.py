@@ -17,6 +17,9 @@ def test_evaluate_json_reports_every_family_with_model_baseline_and_coverage(cap
         for key in ("median_error_m", "mean_error_m", "p90_error_m"):
             assert fam["model"][key] > 0 and fam["baseline"][key] > 0
         assert 0.0 <= fam["model"]["coverage_68"] <= fam["model"]["coverage_95"] <= 1.0
+        for kind in ("inside", "flagged"):
+            c68, c95 = fam["model"][f"coverage_68_{kind}"], fam["model"][f"coverage_95_{kind}"]
+            assert (c68 is None and c95 is None) or 0.0 <= c68 <= c95 <= 1.0
         ratio = fam["model"]["median_error_m"] / fam["baseline"]["median_error_m"]
         assert fam["model_to_baseline_median"] == pytest.approx(ratio, abs=2e-3)
     # A sanity bound, not a target: clean data localize far better than guessing the centre.

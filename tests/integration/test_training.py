@@ -22,8 +22,9 @@ def test_train_exports_a_servable_model_with_its_card(tmp_path, capsys):
     card.check_model(out / "model.onnx")
     assert card.training["onnx_max_abs_diff"] < 1e-4
     assert card.accuracy["evaluation_scenes"] == 30
-    assert card.fusion["covariance_scale"] > 0
+    assert card.fusion["covariance_scale"] > 0 and "misfit_power" in card.fusion
     assert card.training["calibration_scenes"] == 40
+    assert set(card.training["calibration_coverage"]) == set(card.training["calibration_families"])
     summary = json.loads((out / "training.json").read_text())
     assert summary["scenes"] == 400 and summary["training_s"] > 0
 
