@@ -70,7 +70,10 @@ class ModelCard:
     accuracy: dict[str, Any] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
     """How serving combines the network with the physical likelihood: ``likelihood``
-    (heimdall.baseline.LikelihoodParams fields) and ``covariance_scale``."""
+    (heimdall.baseline.LikelihoodParams fields), ``prior_scale`` (the network's
+    covariance as the posterior's prior is multiplied by it), and the covariance
+    model of the answer: ``covariance_scale``, ``misfit_power``, ``misfit_knee_db``,
+    ``outside_growth`` (see heimdall.runtime.CovarianceModel)."""
     reference: dict[str, Any] = field(default_factory=dict)
     """The answer to a known input, recorded when the version was registered
     (:func:`heimdall.smoke.reference_answer`): ``seed`` and ``n_samples`` of the

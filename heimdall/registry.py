@@ -9,6 +9,7 @@ card is checked against the ONNX file before anything serves it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "heimdall-localizer"
 SHA_TAG = "onnx_sha256"
+FUSION_TAG = "fusion_sha256"
+"""Digest of the card's ``fusion`` block: a recalibration changes answers without
+touching the ONNX file, so a version is the same only when both digests match."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,9 @@ def _register(
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException:
         versions = []
+    fusion = fusion_digest(card)
     for mv in versions:
-        if mv.tags.get(SHA_TAG) == card.onnx_sha256:
+        if mv.tags.get(SHA_TAG) == card.onnx_sha256 and mv.tags.get(FUSION_TAG) == fusion:
             client.set_registered_model_alias(name, alias, mv.version)
             log.info(
                 "model %s version %s already registered; alias %s set", name, mv.version, alias
@@ -155,6 +160,12 @@ def _register(
             card_path = Path(staging) / CARD_FILENAME
             card_path.write_text(card.dumps())
         return _log_version(client, settings, card, onnx_path, card_path, alias, params)
+
+
+def fusion_digest(card: ModelCard) -> str:
+    """sha256 of the card's ``fusion`` block (canonical JSON)."""
+    canonical = json.dumps(card.fusion, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _log_version(
@@ -210,6 +221,7 @@ def _log_version(
         )
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, SHA_TAG, card.onnx_sha256)
+    client.set_model_version_tag(name, version, FUSION_TAG, fusion_digest(card))
     client.set_registered_model_alias(name, alias, version)
     log.info("registered %s version %s with alias %s", name, version, alias)
     return ModelIdentity(name, version, alias), True

@@ -47,6 +47,21 @@ def test_registering_twice_is_harmless(settings):
     assert not created and again.version == first.version
 
 
+def test_a_recalibrated_card_is_a_new_version(settings, tmp_path):
+    first, _ = register_model(settings)
+    folder = tmp_path / "recalibrated"
+    shutil.copytree(shipped_model_dir(), folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    card["fusion"]["covariance_scale"] = 2 * float(card["fusion"]["covariance_scale"])
+    (folder / "model_card.json").write_text(json.dumps(card))
+
+    second, created = register_model(settings, folder, alias="challenger")
+
+    assert created and second.version != first.version  # same ONNX, other answers
+    served = resolve(settings, "challenger").card.fusion["covariance_scale"]
+    assert served == card["fusion"]["covariance_scale"]
+
+
 def test_aliases_choose_the_version(settings, tmp_path):
     register_model(settings)
     other = variant_model(tmp_path / "other", "challenger")
