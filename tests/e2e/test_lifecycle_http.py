@@ -468,6 +468,49 @@ def test_a_challenger_failing_every_request_is_answered_by_the_champion(stack: S
         stack.api.log,
     )
 
+    # Batch items routed to it are answered by the champion alike.
+    items = [{**_body(711_000 + i)[0], "routing_key": f"fallback-{i}"} for i in range(6)]
+    batch = stack.http.post(
+        stack.api.url("/api/v1/predict/batch"), json={"items": items}, timeout=200
+    )
+    assert batch.status_code == 200, batch.text
+    for item in batch.json()["items"]:
+        assert item["status"] == "ok", item
+        assert item["result"]["model"]["version"] == champion, item["result"]["model"]
+        assert item["result"]["fallback"] is True, item["result"]
+
+
+def test_a_failing_shadow_never_reaches_the_client_and_truth_names_its_failure(
+    stack: Stack,
+) -> None:
+    champion, broken = stack.versions["shipped"], stack.versions["broken"]
+    stack.serve(champion=champion, challenger=broken)
+    stack.set_policy({"weights": {"champion": 100}, "shadow": ["challenger"]})
+    body, truth = _body(715_000)
+
+    response = stack.predict(body)
+
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["model"]["version"] == champion and result["fallback"] is False
+    job_id = result["job_id"]
+    _wait_until(
+        f"the shadow of {job_id} is recorded",
+        lambda: stack.state.hexists(contract.shadow_key(job_id), broken),
+        120,
+        stack.worker.log,
+    )
+    scored = stack.http.post(
+        stack.api.url(f"/api/v1/jobs/{job_id}/truth"), json=truth, headers=AUTH, timeout=30
+    )
+    assert scored.status_code == 200, scored.text
+    scores = {s["role"]: s for s in scored.json()["scores"]}
+    assert scores["primary"]["version"] == champion
+    assert scores["primary"]["error_km"] is not None
+    assert scores["shadow"]["version"] == broken
+    assert scores["shadow"]["error_km"] is None
+    assert "Gather" in scores["shadow"]["error"], scores["shadow"]
+
 
 def test_a_fifty_fifty_split_answers_each_key_with_the_version_it_routes_to(
     stack: Stack,
@@ -520,6 +563,32 @@ def test_a_fifty_fifty_split_answers_each_key_with_the_version_it_routes_to(
     assert wrong == []
     assert all(len(seen) == 1 for seen in by_key.values())
     assert set().union(*by_key.values()) == {champion, challenger}
+
+
+def test_batch_items_are_answered_by_the_version_each_one_routes_to(stack: Stack) -> None:
+    champion, challenger = stack.versions["shipped"], stack.versions["variant"]
+    stack.serve(champion=champion, challenger=challenger)
+    document = {"weights": {"champion": 50, "challenger": 50}}
+    stack.set_policy(document)
+    policy = parse_policy(document, None)
+    versions = {"champion": champion, "challenger": challenger}
+    items = [{**_body(725_000 + i)[0], "routing_key": f"batch-{i}"} for i in range(24)]
+
+    response = stack.http.post(
+        stack.api.url("/api/v1/predict/batch"), json={"items": items}, timeout=200
+    )
+
+    assert response.status_code == 200, response.text
+    document_items = response.json()["items"]
+    assert [item["index"] for item in document_items] == list(range(len(items)))
+    answered = set()
+    for item in document_items:
+        assert item["status"] == "ok", item
+        expected = versions[route(f"batch-{item['index']}", policy)]
+        assert item["result"]["model"]["version"] == expected, item["result"]["model"]
+        assert item["result"]["fallback"] is False
+        answered.add(expected)
+    assert answered == {champion, challenger}
 
 
 def test_a_shadow_is_recorded_and_scored_beside_the_champion(stack: Stack) -> None:
