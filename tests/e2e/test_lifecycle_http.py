@@ -680,3 +680,50 @@ def test_the_cli_reload_to_a_corrupted_challenger_fails_while_the_api_answers(
     held = {champion: "champion", challenger: "challenger"}
     _wait_until(f"the worker holds {held}", lambda: stack.serving(held), 60, stack.worker.log)
     assert all(corrupt.version not in h for h in stack.held())
+
+
+def test_promote_then_reload_under_a_split_answers_every_request(stack: Stack) -> None:
+    """The operator's last step: the challenger becomes the champion while traffic flows."""
+    old, promoted = stack.versions["shipped"], stack.versions["variant"]
+    stack.serve(champion=old, challenger=promoted)
+    stack.set_policy({"weights": {"champion": 50, "challenger": 50}})
+    clients = Clients(stack.api.url("/api/v1/predict"), first_seed=780_000)
+    clients.start()
+    try:
+        _wait_until(
+            "both versions answer",
+            lambda: {a.version for a in clients.so_far()} == {old, promoted},
+            START_TIMEOUT_S,
+            stack.worker.log,
+        )
+        moved = stack.http.post(
+            stack.api.url("/api/v1/model/promote"),
+            json={"version": promoted},
+            headers=AUTH,
+            timeout=60,
+        )
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["champion"]["version"] == promoted
+        reload = stack.http.post(
+            stack.api.url("/api/v1/model/reload?timeout=150"), headers=AUTH, timeout=200
+        )
+        assert reload.status_code == 200 and reload.json()["ok"] is True, reload.text
+        reloaded_at = time.monotonic()
+        # Both targets now resolve to the promoted version: every answer is its.
+        _wait_until(
+            "only the promoted version answers",
+            lambda: (
+                sum(a.ended > reloaded_at and a.version == promoted for a in clients.so_far()) >= 12
+            ),
+            SWITCH_TIMEOUT_S,
+            stack.worker.log,
+        )
+    finally:
+        clients.stop()
+        stack.set_alias("champion", old)
+    answers = clients.so_far()
+    print(
+        json.dumps({"sent": len(answers), "promoted": [a.version for a in answers].count(promoted)})
+    )
+    assert [a for a in answers if a.status != 200] == []
+    assert answers[-1].version == promoted
