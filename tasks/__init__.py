@@ -19,10 +19,12 @@ from heimdall.config import get_settings
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-app = make_app("heimdall", get_settings(), worker=True)
+settings = get_settings()
+"""The settings this worker's app was configured with (at import)."""
+app = make_app("heimdall", settings, worker=True)
 
 # Imported for their registrations (tasks, signal handlers, control commands);
 # they need `app` above, hence after it.
 from tasks import control, logs, metrics, model, pool, predict, transport  # noqa: E402
 
-__all__ = ["app", "control", "logs", "metrics", "model", "pool", "predict", "transport"]
+__all__ = ["app", "control", "logs", "metrics", "model", "pool", "predict", "settings", "transport"]
