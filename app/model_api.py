@@ -304,6 +304,7 @@ def _score_primary(stored: dict[str, str], truth: tuple[float, float]) -> dict[s
             float(stored["longitude"]),
             json.loads(stored["covariance_m2"]),
             truth,
+            json.loads(stored.get("ellipse_k") or "{}"),
         )
     except (KeyError, ValueError, TypeError) as exc:
         return {**entry, "error_km": None, "error": f"stored prediction unreadable: {exc}"}
@@ -323,6 +324,7 @@ def _score_shadow(version: str, raw: str, truth: tuple[float, float]) -> dict[st
             float(shadow["longitude"]),
             shadow["covariance_m2"],
             truth,
+            shadow.get("ellipse_k"),
         )
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         return {**entry, "error_km": None, "error": f"shadow result unreadable: {exc}"}

@@ -234,12 +234,20 @@ class PositionENU(Document):
 
 
 class Ellipse(Document):
-    """A confidence ellipse of the position."""
+    """A confidence ellipse of the position: ``scale_k`` times the covariance's axes.
+
+    The errors are heavier-tailed than a Gaussian, so ``scale_k`` is the model's
+    calibrated value for this confidence, not the chi-square one (docs/model.md).
+    """
 
     confidence: float = Field(examples=[0.68, 0.95])
-    semi_major_m: float
-    semi_minor_m: float
+    semi_major_m: float = Field(description="scale_k times the major-axis standard deviation, m.")
+    semi_minor_m: float = Field(description="scale_k times the minor-axis standard deviation, m.")
     orientation_deg: float = Field(description="Major axis, degrees clockwise from north.")
+    scale_k: float = Field(
+        description="The ellipse is x^T C^-1 x <= scale_k^2, C the east/north covariance "
+        "(sigma_x_m, sigma_y_m, covariance_xy_m2)."
+    )
 
 
 class Uncertainty(Document):
@@ -250,7 +258,9 @@ class Uncertainty(Document):
     covariance_xy_m2: float = Field(description="East/north covariance, m².")
     rho: float = Field(description="Correlation coefficient.")
     theta_deg: float
-    ellipses: list[Ellipse] = Field(description="At 68 % and 95 %.")
+    ellipses: list[Ellipse] = Field(
+        description="At 68 % and 95 %, each drawn from the covariance with its calibrated k."
+    )
 
 
 class Quality(Document):

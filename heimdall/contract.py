@@ -128,8 +128,10 @@ def scored_key(job_id: str) -> str:
 
     A hash written by the worker with the outcome of ``heimdall.predict``: fields
     ``version``, ``alias``, ``latitude``, ``longitude``, ``covariance_m2`` (JSON
-    ``[[ee, en], [ne, nn]]`` in m² east/north), ``fallback``, ``at``; kept
-    ``truth_window_s`` (the job record itself may expire within a minute).
+    ``[[ee, en], [ne, nn]]`` in m² east/north), ``ellipse_k`` (JSON
+    ``{"0.68": k, "0.95": k}``, the answer's ellipses' ``scale_k``),
+    ``fallback``, ``at``; kept ``truth_window_s`` (the job record itself may
+    expire within a minute).
     """
     return f"{SCORED_PREFIX}{job_id}"
 

@@ -3,7 +3,10 @@
 Each family of :data:`heimdall.simulate.families.EVALUATION` is simulated
 afresh (its own seed), run through the serving path (features -> ONNX ->
 fusion with the physical likelihood) and through the maximum-likelihood
-baseline. Nothing here is fitted: the families are for judging only.
+baseline. Nothing here is fitted: the families are for judging only. The
+coverage counts the truths inside the ellipses the service draws: each
+confidence's ``k`` from the card (heimdall.runtime.CovarianceModel), not the
+chi-square one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from heimdall import baseline
-from heimdall.geo import CHI2_SCALE
+from heimdall.geo import chi2_scale
 from heimdall.modelcard import ModelCard, ModelIdentity
 from heimdall.simulate.dataset import build_dataset
 from heimdall.simulate.families import EVALUATION, NOISY
@@ -53,9 +56,14 @@ def mahalanobis_sq(residual: np.ndarray, uncertainty: np.ndarray) -> np.ndarray:
     return (dx**2 - 2 * rho * dx * dy + dy**2) / (1 - rho**2)
 
 
-def coverage(d2: np.ndarray, confidence: float) -> float:
-    """Fraction of points inside the ellipse of the given confidence."""
-    return float(np.mean(d2 <= CHI2_SCALE[confidence] ** 2))
+def coverage(d2: np.ndarray, confidence: float, scale_k: float | None = None) -> float:
+    """Fraction of points inside the ``confidence`` ellipse drawn at k = ``scale_k``.
+
+    ``d2`` is the squared Mahalanobis distance under the served covariance;
+    without ``scale_k`` the ellipse is the Gaussian's (chi-square k).
+    """
+    k = chi2_scale(confidence) if scale_k is None else scale_k
+    return float(np.mean(d2 <= k**2))
 
 
 def _stats(errors: np.ndarray) -> dict[str, float]:
@@ -67,7 +75,9 @@ def _stats(errors: np.ndarray) -> dict[str, float]:
     }
 
 
-def _coverage_by_flag(d2: np.ndarray, inside: np.ndarray) -> dict[str, float | None]:
+def _coverage_by_flag(
+    d2: np.ndarray, inside: np.ndarray, scale_k: dict[float, float]
+) -> dict[str, float | None]:
     """68 %/95 % coverage of the estimates that say ``inside_coverage`` true, and false.
 
     A client trusts the two kinds differently, so the ellipses must be honest
@@ -77,7 +87,8 @@ def _coverage_by_flag(d2: np.ndarray, inside: np.ndarray) -> dict[str, float | N
     for label, rows in (("inside", inside), ("flagged", ~inside)):
         for confidence in (0.68, 0.95):
             key = f"coverage_{round(confidence * 100)}_{label}"
-            out[key] = round(coverage(d2[rows], confidence), 4) if rows.any() else None
+            covered = coverage(d2[rows], confidence, scale_k[confidence]) if rows.any() else None
+            out[key] = None if covered is None else round(covered, 4)
     return out
 
 
@@ -101,15 +112,16 @@ def evaluate_family(
     sx, sy = np.sqrt(cov[:, 0, 0]), np.sqrt(cov[:, 1, 1])
     d2 = mahalanobis_sq(mean - truth, np.stack([sx, sy, cov[:, 0, 1] / (sx * sy)], axis=-1))
     inside = np.array([loc.quality.inside_coverage for loc in locs])
+    k = {c: localizer.covariance_model.ellipse_scale(c) for c in (0.68, 0.95)}
     m, b = np.median(model_err), np.median(base_err)
     return {
         "n_scenes": n_scenes,
         "model": {
             **_stats(model_err),
-            "coverage_68": round(coverage(d2, 0.68), 4),
-            "coverage_95": round(coverage(d2, 0.95), 4),
+            "coverage_68": round(coverage(d2, 0.68, k[0.68]), 4),
+            "coverage_95": round(coverage(d2, 0.95, k[0.95]), 4),
             "inside_coverage_rate": round(float(inside.mean()), 4),
-            **_coverage_by_flag(d2, inside),
+            **_coverage_by_flag(d2, inside, k),
             "median_sigma_m": round(float(np.median(np.sqrt((sx**2 + sy**2) / 2))), 1),
         },
         "baseline": _stats(base_err),

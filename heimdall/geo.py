@@ -192,6 +192,8 @@ class Ellipse:
     semi_major_m: float
     semi_minor_m: float
     orientation_deg: float
+    scale_k: float | None = None
+    """The k of the ellipse k·σ drawn from a covariance (None when given by its axes)."""
 
 
 def covariance_from_params(sigma_e_m: float, sigma_n_m: float, rho: float) -> FloatArray:
@@ -225,12 +227,21 @@ def theta_deg(cov: npt.ArrayLike) -> float:
     return 0.0 if bearing >= 180.0 else bearing
 
 
-def ellipse_from_covariance(cov: npt.ArrayLike, confidence: float) -> Ellipse:
-    """Confidence ellipse of a 2x2 east/north covariance (m²); raises ValueError if not SPD."""
+def ellipse_from_covariance(
+    cov: npt.ArrayLike, confidence: float, scale_k: float | None = None
+) -> Ellipse:
+    """Confidence ellipse of a 2x2 east/north covariance (m²); raises ValueError if not SPD.
+
+    The semi-axes are ``scale_k`` times the covariance's standard deviations along its
+    axes; without ``scale_k`` it is the Gaussian's, :func:`chi2_scale` of ``confidence``.
+    A model whose errors are not Gaussian gives its own calibrated k per confidence.
+    """
     m = _checked_covariance(cov)
     lo, hi = np.linalg.eigh(m)[0]
-    k = chi2_scale(confidence)
-    return Ellipse(confidence, k * math.sqrt(hi), k * math.sqrt(lo), theta_deg(m))
+    k = chi2_scale(confidence) if scale_k is None else scale_k
+    if not k > 0.0:
+        raise ValueError(f"ellipse scale k must be positive, got {k}")
+    return Ellipse(confidence, k * math.sqrt(hi), k * math.sqrt(lo), theta_deg(m), k)
 
 
 def ellipse_polygon_enu(
@@ -304,17 +315,20 @@ def localization_geojson(
             ell.confidence, ell.semi_major_m, ell.semi_minor_m, ell.orientation_deg + turn
         )
         ring = ellipse_polygon_lonlat(0.0, 0.0, local, lat, lon, n_points)
+        properties: dict[str, Any] = {
+            "kind": "ellipse",
+            "confidence": ell.confidence,
+            "semi_major_m": round(ell.semi_major_m, 3),
+            "semi_minor_m": round(ell.semi_minor_m, 3),
+            "orientation_deg": round(ell.orientation_deg, 3),
+        }
+        if ell.scale_k is not None:
+            properties["scale_k"] = round(ell.scale_k, 4)
         features.append(
             {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {
-                    "kind": "ellipse",
-                    "confidence": ell.confidence,
-                    "semi_major_m": round(ell.semi_major_m, 3),
-                    "semi_minor_m": round(ell.semi_minor_m, 3),
-                    "orientation_deg": round(ell.orientation_deg, 3),
-                },
+                "properties": properties,
             }
         )
     return {"type": "FeatureCollection", "features": features}

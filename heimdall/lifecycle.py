@@ -37,9 +37,10 @@ TRUTH_KEEP = 10_000
 """Scored predictions kept per version (the newest)."""
 
 CHI2_2DOF_68 = 2.2789
-"""Squared Mahalanobis radius of the 68 % ellipse (chi-square, 2 degrees of freedom)."""
+"""Squared Mahalanobis radius of the 68 % ellipse (chi-square, 2 degrees of freedom);
+used for a prediction recorded without its ellipses' own ``k``."""
 CHI2_2DOF_95 = 5.9915
-"""Squared Mahalanobis radius of the 95 % ellipse."""
+"""Squared Mahalanobis radius of the 95 % ellipse (same use)."""
 
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000)
 """Upper bounds (ms) of the live latency histogram of each version; one more bucket is open."""
@@ -251,12 +252,15 @@ def score(
     longitude: float,
     covariance_m2: Sequence[Sequence[float]],
     truth: tuple[float, float],
+    ellipse_k: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """How far a prediction was from the truth, and whether its ellipses held it.
 
     ``covariance_m2`` is the 2x2 east/north covariance in m^2 around the
-    predicted position. Returns ``error_km`` and ``inside_68`` / ``inside_95``
-    (squared Mahalanobis distance within the chi-square 2-dof radius).
+    predicted position; ``ellipse_k`` the ``k`` its answer drew each ellipse
+    with (``{"0.68": k, "0.95": k}``, the ellipses' ``scale_k``). Returns
+    ``error_km`` and ``inside_68`` / ``inside_95`` (squared Mahalanobis
+    distance within k², the chi-square 2-dof radius where no ``k`` was given).
     """
     east, north = geo.geodetic_to_enu(truth[0], truth[1], latitude, longitude)
     offset = np.array([float(east), float(north)])
@@ -271,9 +275,15 @@ def score(
     return {
         "error_km": round(error_m / 1000.0, 4),
         "mahalanobis2": None if math.isinf(d2) else round(d2, 4),
-        "inside_68": d2 <= CHI2_2DOF_68,
-        "inside_95": d2 <= CHI2_2DOF_95,
+        "inside_68": d2 <= _radius2(ellipse_k, "0.68", CHI2_2DOF_68),
+        "inside_95": d2 <= _radius2(ellipse_k, "0.95", CHI2_2DOF_95),
     }
+
+
+def _radius2(ellipse_k: Mapping[str, float] | None, confidence: str, chi2: float) -> float:
+    """Squared Mahalanobis radius of an answer's ``confidence`` ellipse."""
+    k = (ellipse_k or {}).get(confidence)
+    return chi2 if k is None else float(k) ** 2
 
 
 def truth_entry(job_id: str, role: str, scored: Mapping[str, Any], at: float) -> str:

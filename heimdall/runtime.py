@@ -52,31 +52,47 @@ class CovarianceModel:
     as much as the errors grow. ``outside`` is how far the estimate lies beyond
     the stations' hull (0 inside). The numbers are fitted on held-out scene
     families (heimdall.training.calibration).
+
+    The errors are heavier-tailed than the Gaussian of that covariance, so the
+    ellipse of each confidence is ``k`` times it with its own calibrated ``k``
+    (``ellipse_k``, the card's ``{"0.68": k, "0.95": k}``), not the chi-square
+    one; a confidence without a calibrated ``k`` keeps the chi-square ``k``.
     """
 
     scale: float = 1.0
     misfit_power: float = 0.0
     misfit_knee_db: float = 6.0
     outside_growth: float = 0.0
+    ellipse_k: tuple[tuple[float, float], ...] = ()
+    """(confidence, k) pairs, ascending confidence (empty: chi-square ellipses)."""
 
     @classmethod
     def from_fusion(cls, fusion: dict[str, Any]) -> CovarianceModel:
         """Read the card's fusion block (a missing number keeps its neutral value)."""
+        ellipse_k = fusion.get("ellipse_k", {})
         return cls(
             scale=float(fusion.get("covariance_scale", 1.0)),
             misfit_power=float(fusion.get("misfit_power", 0.0)),
             misfit_knee_db=float(fusion.get("misfit_knee_db", 6.0)),
             outside_growth=float(fusion.get("outside_growth", 0.0)),
+            ellipse_k=tuple(sorted((float(c), float(k)) for c, k in ellipse_k.items())),
         )
 
-    def to_fusion(self) -> dict[str, float]:
-        """The numbers as the card's fusion block stores them."""
-        return {
+    def to_fusion(self) -> dict[str, Any]:
+        """The numbers as the card's fusion block stores them (``ellipse_k`` only if fitted)."""
+        fusion: dict[str, Any] = {
             "covariance_scale": round(self.scale, 4),
             "misfit_power": round(self.misfit_power, 4),
             "misfit_knee_db": round(self.misfit_knee_db, 4),
             "outside_growth": round(self.outside_growth, 4),
         }
+        if self.ellipse_k:
+            fusion["ellipse_k"] = {f"{c:g}": round(k, 4) for c, k in self.ellipse_k}
+        return fusion
+
+    def ellipse_scale(self, confidence: float) -> float:
+        """The k of the ``confidence`` ellipse: calibrated, else the chi-square one."""
+        return dict(self.ellipse_k).get(confidence, geo.chi2_scale(confidence))
 
     def shape(self, hull_distance_m: np.ndarray, misfit_db: np.ndarray) -> np.ndarray:
         """The factor without ``scale``, per estimate."""
@@ -119,7 +135,7 @@ class Quality:
 
 @dataclass(frozen=True)
 class Localization:
-    """One estimate: position and 2-D Gaussian uncertainty in the local plane."""
+    """One estimate: position and its 2-D covariance in the local plane."""
 
     east_m: float
     north_m: float
@@ -328,7 +344,8 @@ def localization_result(
 ) -> dict[str, Any]:
     """The prediction document returned by the API (position, uncertainty, GeoJSON)."""
     cov = loc.covariance
-    ellipses = [geo.ellipse_from_covariance(cov, c) for c in CONFIDENCES]
+    model = CovarianceModel.from_fusion(card.fusion)
+    ellipses = [geo.ellipse_from_covariance(cov, c, model.ellipse_scale(c)) for c in CONFIDENCES]
     return {
         "position": {"latitude": round(loc.latitude, 7), "longitude": round(loc.longitude, 7)},
         "position_enu_m": {"east": round(loc.east_m, 2), "north": round(loc.north_m, 2)},
@@ -344,6 +361,7 @@ def localization_result(
                     "semi_major_m": round(e.semi_major_m, 2),
                     "semi_minor_m": round(e.semi_minor_m, 2),
                     "orientation_deg": round(e.orientation_deg, 3),
+                    "scale_k": round(model.ellipse_scale(e.confidence), 4),
                 }
                 for e in ellipses
             ],

@@ -191,6 +191,15 @@ def covariance_m2(result: dict[str, Any]) -> list[list[float]]:
     return [[sx * sx, cxy], [cxy, sy * sy]]
 
 
+def ellipse_k(result: dict[str, Any]) -> dict[str, float]:
+    """``{"0.68": k, "0.95": k}``: the k the result drew each ellipse with."""
+    return {
+        f"{float(e['confidence']):g}": float(e["scale_k"])
+        for e in result["uncertainty"]["ellipses"]
+        if "scale_k" in e
+    }
+
+
 def _record_scored(job_id: str, result: dict[str, Any]) -> None:
     """Write what ground truth posted later is scored against (kept ``truth_window_s``)."""
     identity = result.get("model") or {}
@@ -205,6 +214,7 @@ def _record_scored(job_id: str, result: dict[str, Any]) -> None:
                     "latitude": repr(float(result["position"]["latitude"])),
                     "longitude": repr(float(result["position"]["longitude"])),
                     "covariance_m2": json.dumps(covariance_m2(result)),
+                    "ellipse_k": json.dumps(ellipse_k(result)),
                     "fallback": "1" if result.get(contract.RESULT_FALLBACK) else "0",
                     "at": repr(time.time()),
                 },
@@ -243,7 +253,7 @@ def shadow(self: PredictionTask, job: dict[str, Any], primary_job_id: str) -> No
     """Localize a copy of a request with ``job["version"]`` and record it beside the primary.
 
     ``HSET shadow_key(primary_job_id) <version> {"latitude", "longitude",
-    "covariance_m2", "model", "error", "inference_time_ms"}``, kept
+    "covariance_m2", "ellipse_k", "model", "error", "inference_time_ms"}``, kept
     ``truth_window_s``. No fallback: a version this worker does not hold is
     recorded as an error.
     """
@@ -274,6 +284,7 @@ def shadow(self: PredictionTask, job: dict[str, Any], primary_job_id: str) -> No
         "latitude": result["position"]["latitude"] if result else None,
         "longitude": result["position"]["longitude"] if result else None,
         "covariance_m2": covariance_m2(result) if result else None,
+        "ellipse_k": ellipse_k(result) if result else None,
         "model": result["model"] if result else None,
         "error": None if result else str(problem.get("detail") or "failed"),
         "inference_time_ms": result["inference_time_ms"] if result else None,

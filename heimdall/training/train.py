@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from heimdall.baseline import LikelihoodParams
-from heimdall.evaluation import CHI2_SCALE, mahalanobis_sq
+from heimdall.evaluation import mahalanobis_sq
 from heimdall.features import FeatureParams
+from heimdall.geo import CHI2_SCALE
 from heimdall.runtime import CovarianceModel
 from heimdall.simulate.dataset import Dataset, build_dataset
 from heimdall.simulate.families import TRAINING

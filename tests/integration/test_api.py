@@ -87,6 +87,16 @@ def _assert_localization(body: dict[str, Any]) -> None:
     assert 6.0 < body["position"]["longitude"] < 11.0
     assert body["uncertainty"]["sigma_x_m"] > 0
     assert [e["confidence"] for e in body["uncertainty"]["ellipses"]] == [0.68, 0.95]
+    # A client can redraw each ellipse from the covariance and the ellipse's own k.
+    u = body["uncertainty"]
+    cov = [
+        [u["sigma_x_m"] ** 2, u["covariance_xy_m2"]],
+        [u["covariance_xy_m2"], u["sigma_y_m"] ** 2],
+    ]
+    minor_sd, major_sd = np.sqrt(np.linalg.eigvalsh(np.array(cov)))
+    for e in u["ellipses"]:
+        assert e["semi_major_m"] == pytest.approx(e["scale_k"] * major_sd, rel=1e-3)
+        assert e["semi_minor_m"] == pytest.approx(e["scale_k"] * minor_sd, rel=1e-3)
     assert body["geojson"]["type"] == "FeatureCollection"
     assert body["model"]["name"] == "heimdall-localizer"
     assert body["model"]["version"]

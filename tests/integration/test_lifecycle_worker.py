@@ -251,6 +251,10 @@ def test_each_version_answers_its_own_jobs(
     sigma_x = champion["result"]["uncertainty"]["sigma_x_m"]
     assert covariance[0][0] == pytest.approx(sigma_x**2)
     assert covariance[0][1] == covariance[1][0]
+    drawn = {
+        f"{e['confidence']:g}": e["scale_k"] for e in champion["result"]["uncertainty"]["ellipses"]
+    }
+    assert json.loads(scored["ellipse_k"]) == drawn
     assert scored["fallback"] == "0"
     assert state_redis.ttl(contract.scored_key(plain.id)) > 3600
 
@@ -510,7 +514,8 @@ def test_shadow_task_records_its_answer_beside_the_primary(
     assert answered["error"] is None
     assert answered["model"]["version"] == deployment.challenger
     assert set(answered) == {
-        "latitude", "longitude", "covariance_m2", "model", "error", "inference_time_ms",
+        "latitude", "longitude", "covariance_m2", "ellipse_k", "model", "error",
+        "inference_time_ms",
     }  # fmt: skip
     assert len(answered["covariance_m2"]) == 2
     assert records["999"]["latitude"] is None

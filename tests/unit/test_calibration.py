@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from heimdall.cli import main
+from heimdall.geo import CHI2_SCALE
 from heimdall.modelcard import ModelCard, ModelIdentity, sha256_file
 from heimdall.registry import shipped_model_dir
-from heimdall.runtime import CovarianceModel, Localizer
+from heimdall.runtime import CovarianceModel, Localization, Localizer, localization_result
 from heimdall.simulate.dataset import build_dataset
 from heimdall.simulate.families import EVALUATION
 from heimdall.stations import load_network
@@ -26,6 +27,33 @@ def test_a_card_without_a_covariance_model_serves_the_posterior_unscaled():
 
 def test_the_fusion_block_round_trips():
     assert CovarianceModel.from_fusion(FITTED.to_fusion()) == FITTED
+    with_k = CovarianceModel(2.0, 1.5, 5.0, 0.8, ((0.68, 1.42), (0.95, 3.2)))
+    assert with_k.to_fusion()["ellipse_k"] == {"0.68": 1.42, "0.95": 3.2}
+    assert CovarianceModel.from_fusion(with_k.to_fusion()) == with_k
+
+
+def test_a_card_without_ellipse_k_draws_chi_square_ellipses_and_one_with_them_its_own():
+    doc = json.loads((shipped_model_dir() / "model_card.json").read_text())
+    loc = Localization(1_000.0, -2_000.0, 30_000.0, 20_000.0, 0.3, 45.0, 8.0)
+    major_sd = np.sqrt(np.linalg.eigvalsh(loc.covariance)[1])
+    served_k = {}
+    for ellipse_k in (None, {"0.68": 1.42, "0.95": 3.2}):
+        doc["fusion"].pop("ellipse_k", None)
+        if ellipse_k is not None:
+            doc["fusion"]["ellipse_k"] = ellipse_k
+        card = ModelCard.from_dict(doc)
+        result = localization_result(
+            loc, card, ModelIdentity("local", "file", None), inference_time_ms=1.0
+        )
+        ellipses = result["uncertainty"]["ellipses"]
+        for e in ellipses:
+            assert e["semi_major_m"] == pytest.approx(e["scale_k"] * major_sd, rel=1e-4)
+        polygons = [f["properties"] for f in result["geojson"]["features"][1:]]
+        assert [p["scale_k"] for p in polygons] == [e["scale_k"] for e in ellipses]
+        served_k[ellipse_k is None] = [e["scale_k"] for e in ellipses]
+    assert served_k[True] == [round(CHI2_SCALE[0.68], 4), round(CHI2_SCALE[0.95], 4)]
+    assert served_k[False] == [1.42, 3.2]
+    assert CovarianceModel.from_fusion({}).ellipse_scale(0.95) == CHI2_SCALE[0.95]
 
 
 def test_ellipses_grow_outside_the_network_and_not_inside_it():
@@ -63,6 +91,28 @@ def test_the_fit_finds_a_covariance_model_that_covers_every_family():
     np.testing.assert_allclose(model.factor(hull, misfit), FITTED.factor(hull, misfit), rtol=0.2)
 
 
+def _heavy_tailed_family(rng, n, model, dof):
+    """Residuals of a bivariate Student-t with ``dof`` degrees of freedom under ``model``."""
+    hull = rng.uniform(-40_000.0, 90_000.0, n)
+    misfit = rng.uniform(1.0, 10.0, n)
+    d2 = rng.chisquare(2, n) * dof / rng.chisquare(dof, n) * model.factor(hull, misfit)
+    return FamilyResiduals(d2=d2, hull_distance_m=hull, misfit_db=misfit)
+
+
+def test_the_fitted_ellipse_k_give_the_target_coverage_on_the_data_they_were_fitted_on():
+    rng = np.random.default_rng(1)
+    families = {name: _heavy_tailed_family(rng, 4_000, FITTED, 5) for name in ("a", "b", "c")}
+    model = fit_covariance_model(families)
+    for fam in families.values():
+        c68, c95 = fam.coverage(model)
+        assert c68 == pytest.approx(0.68, abs=0.015) and c95 == pytest.approx(0.95, abs=0.01)
+    # One chi-square k pair cannot: the tail puts the 95 % ellipse far out of reach.
+    k68, k95 = (k for _, k in model.ellipse_k)
+    assert k95 / k68 > 1.15 * CHI2_SCALE[0.95] / CHI2_SCALE[0.68]
+    gaussian = CovarianceModel(model.scale, model.misfit_power, model.misfit_knee_db)
+    assert min(fam.coverage(gaussian)[1] for fam in families.values()) < 0.92
+
+
 def test_calibrate_rewrites_the_fusion_block_and_leaves_the_network_alone(tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(shipped_model_dir(), model_dir)
@@ -74,7 +124,9 @@ def test_calibrate_rewrites_the_fusion_block_and_leaves_the_network_alone(tmp_pa
     card.check_model(model_dir / "model.onnx")
     assert sha256_file(model_dir / "model.onnx") == digest
     assert card.fusion["likelihood"] == before["fusion"]["likelihood"]
-    assert CovarianceModel.from_fusion(card.fusion).scale > 0
+    fitted = CovarianceModel.from_fusion(card.fusion)
+    assert fitted.scale > 0
+    assert [c for c, _ in fitted.ellipse_k] == [0.68, 0.95]
     assert card.training["calibration_seed"] == 11 and card.training["calibration_scenes"] == 30
     assert set(card.training["calibration_coverage"]) >= {"calibration", "outside"}
     assert card.accuracy == before["accuracy"]

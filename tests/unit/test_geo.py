@@ -152,6 +152,17 @@ def test_diagonal_covariance_ellipse() -> None:
     assert ell.semi_major_m == pytest.approx(400.0 * k)
     assert ell.semi_minor_m == pytest.approx(100.0 * k)
     assert ell.orientation_deg == pytest.approx(90.0)
+    assert ell.scale_k == pytest.approx(k)
+
+
+def test_a_calibrated_k_replaces_the_chi_square_one() -> None:
+    """Heavy-tailed errors: the ellipse is the given k times the covariance's axes."""
+    cov = np.diag([400.0**2, 100.0**2])
+    ell = ellipse_from_covariance(cov, 0.95, scale_k=3.2)
+    assert (ell.semi_major_m, ell.semi_minor_m, ell.scale_k) == pytest.approx((1280.0, 320.0, 3.2))
+    assert ell.orientation_deg == pytest.approx(90.0)
+    with pytest.raises(ValueError):
+        ellipse_from_covariance(cov, 0.95, scale_k=0.0)
 
 
 def test_north_elongated_covariance_points_north() -> None:
@@ -236,7 +247,7 @@ def test_large_ellipse_ring_matches_semi_axes_geodesically() -> None:
 
 def test_localization_geojson_structure() -> None:
     cov = covariance_from_params(800.0, 300.0, 0.25)
-    ellipses = [ellipse_from_covariance(cov, c) for c in (0.68, 0.95)]
+    ellipses = [ellipse_from_covariance(cov, c, k) for c, k in ((0.68, 1.4), (0.95, 3.2))]
     center = (12_000.0, -7_000.0)
     lat, lon = enu_to_geodetic(*center, LAT0, LON0)
     fc = localization_geojson(lat, lon, ellipses, center, (LAT0, LON0))
@@ -260,6 +271,7 @@ def test_localization_geojson_structure() -> None:
         assert props["semi_major_m"] == pytest.approx(ell.semi_major_m, abs=1e-3)
         assert props["semi_minor_m"] == pytest.approx(ell.semi_minor_m, abs=1e-3)
         assert props["orientation_deg"] == pytest.approx(ell.orientation_deg, abs=1e-3)
+        assert props["scale_k"] == ell.scale_k
         (ring,) = feature["geometry"]["coordinates"]
         assert ring[0] == ring[-1] and len(ring) == 73
         assert all(len(p) == 2 and 7.0 < p[0] < 9.0 and 44.0 < p[1] < 46.0 for p in ring)

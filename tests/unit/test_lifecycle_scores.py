@@ -41,6 +41,17 @@ def test_score_uses_the_mahalanobis_distance(
     assert scored["inside_95"] is inside_95
 
 
+def test_score_counts_with_the_k_the_answer_drew_its_ellipses_with() -> None:
+    # sigma 1 km each way, truth 2 km north (d^2 = 4): outside a k = 1.4 ellipse and
+    # inside a k = 3.2 one; 3 km north (d^2 = 9) is outside the chi-square 95 % ellipse.
+    cov = [[1.0e6, 0.0], [0.0, 1.0e6]]
+    k = {"0.68": 1.4, "0.95": 3.2}
+    two, three = ((45.0 + m / METERS_PER_DEG_LAT, 8.0) for m in (2_000.0, 3_000.0))
+    assert score(45.0, 8.0, cov, two, k)["inside_68"] is False
+    assert score(45.0, 8.0, cov, three, k)["inside_95"] is True
+    assert score(45.0, 8.0, cov, three, {})["inside_95"] is False
+
+
 def test_an_elongated_ellipse_holds_the_truth_along_its_long_axis_only() -> None:
     # sigma 5 km east, 500 m north: 3 km east is inside, 3 km north is not.
     cov = [[25.0e6, 0.0], [0.0, 0.25e6]]
