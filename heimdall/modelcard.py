@@ -73,7 +73,9 @@ class ModelCard:
     (heimdall.baseline.LikelihoodParams fields), ``prior_scale`` (the network's
     covariance as the posterior's prior is multiplied by it), and the covariance
     model of the answer: ``covariance_scale``, ``misfit_power``, ``misfit_knee_db``,
-    ``outside_growth`` (see heimdall.runtime.CovarianceModel)."""
+    ``outside_growth`` (see heimdall.runtime.CovarianceModel), and ``ellipse_k``: the
+    scale of each confidence's ellipse, fitted on the calibration families (absent:
+    the chi-square values)."""
     reference: dict[str, Any] = field(default_factory=dict)
     """The answer to a known input, recorded when the version was registered
     (:func:`heimdall.smoke.reference_answer`): ``seed`` and ``n_samples`` of the
