@@ -78,16 +78,27 @@ def top_functions(raw_files: Sequence[Path], n_self: int = 20, n_incl: int = 30)
     return "\n".join(lines)
 
 
+def _switches(pid: int) -> int:
+    """Context switches of every thread of ``pid`` (its /proc status counts the main one only)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:  # the thread ended
+            continue
+        total += sum(int(line.split()[1]) for line in lines if "ctxt_switches" in line)
+    return total
+
+
 def _cpu(pids: Sequence[int]) -> dict[int, tuple[float, float, int]]:
-    """pid -> (CPU s, of which system s, context switches) so far."""
+    """pid -> (CPU s, of which system s, context switches of all its threads) so far."""
     out = {}
     for pid in pids:
         try:
-            process = psutil.Process(pid)
-            times, switches = process.cpu_times(), process.num_ctx_switches()
+            times = psutil.Process(pid).cpu_times()
         except psutil.Error:
             continue
-        out[pid] = (times.user + times.system, times.system, sum(switches))
+        out[pid] = (times.user + times.system, times.system, _switches(pid))
     return out
 
 
