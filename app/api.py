@@ -8,12 +8,15 @@ answers 202 with a job URL; the work goes on and the job can be polled.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import math
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,7 +59,48 @@ Item = dict[str, Any]
 
 def json_body() -> Any:
     """The request body parsed as JSON (415 if not JSON, 413 if too large, 400 if malformed)."""
-    return parse_json(raw_body())
+    raw = raw_body()
+    with parse_slot(raw):
+        return parse_json(raw)
+
+
+PARSE_SLOTS = 1
+"""Costly bodies parsed and decoded at once per API process (see :func:`parse_slot`)."""
+COSTLY_BODY_VALUES = 20_000
+"""JSON values (counted by their commas) from which a body takes a parse slot:
+10 000 [I, Q] pairs, a few ms of parsing and decoding."""
+_parse_slots = threading.BoundedSemaphore(PARSE_SLOTS)
+
+
+@contextmanager
+def parse_slot(raw: bytes) -> Iterator[None]:
+    """Hold one of the process's parse slots while a costly body is parsed and decoded.
+
+    A 1.2 MB body of [[I, Q]] pairs parses into ~30 000 lists, a quarter of
+    all the objects an API process holds (~125 000): enough to set off a full
+    collection of the cyclic garbage collector about once per body, which
+    cost more than the parse itself, and more again while waiting requests
+    kept their parsed bodies. The collector is paused while a slot is held;
+    the caller drops the parsed body inside the slot, so its lists (which
+    hold no cycles) are freed by reference counting.
+
+    Bounding the parses also keeps dozens of threads from parsing at once
+    under the GIL, each finishing late, while threads that only need the GIL
+    for a moment (sending a task, reading a result) wait behind them. A
+    base64 body holds a few values however long it is and takes no slot: the
+    commas count a body's values at memchr speed.
+    """
+    if raw.count(b",") < COSTLY_BODY_VALUES:
+        yield
+        return
+    with _parse_slots:
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            if collecting:
+                gc.enable()
 
 
 def raw_body() -> bytes:
@@ -321,10 +365,12 @@ def predict() -> Response:
     cacheable = choice.fallback_reason is None
     hit = svc.cache.get_body(name, version, body_digest) if cacheable else None
     if hit is None:
-        if payload is None:
-            payload = parse_json(raw)
-            routing_key(payload)
-        decoded = decode(payload, model, svc.settings.min_stations)
+        with parse_slot(raw):
+            if payload is None:
+                payload = parse_json(raw)
+                routing_key(payload)
+            decoded = decode(payload, model, svc.settings.min_stations)
+            payload = None  # its lists are freed in the slot (see parse_slot)
         digest = decoded.digest()
         if cacheable:
             hit = svc.cache.get(name, version, digest)
@@ -374,14 +420,16 @@ def predict_async() -> Response:
     """Queue one prediction; 202 with the job to poll."""
     svc = services()
     raw = raw_body()
-    payload = parse_json(raw)
-    key = routing_key(payload)
-    policy = svc.policy.current()
-    choice = _champion_only(svc, policy) or svc.model.choose(
-        key or hashlib.sha256(raw).hexdigest(), policy
-    )
-    _note_choice(choice)
-    decoded = decode(payload, choice.model, svc.settings.min_stations)
+    with parse_slot(raw):
+        payload = parse_json(raw)
+        key = routing_key(payload)
+        policy = svc.policy.current()
+        choice = _champion_only(svc, policy) or svc.model.choose(
+            key or hashlib.sha256(raw).hexdigest(), policy
+        )
+        _note_choice(choice)
+        decoded = decode(payload, choice.model, svc.settings.min_stations)
+        del payload  # its lists are freed in the slot (see parse_slot)
     digest = decoded.digest()
     job = svc.dispatcher.jobs_for([decoded], [digest], g.request_id, [choice.message_fields()])[0]
     job_id = svc.dispatcher.submit_predict(job, request_id=g.request_id, digest=digest)

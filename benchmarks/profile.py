@@ -1,9 +1,10 @@
-"""Profile the service under the ``miss`` load with py-spy (how benchmarks/PROFILE.md was made).
+"""Profile the service under load with py-spy (how benchmarks/PROFILE.md was made).
 
-``python -m benchmarks.profile [--seconds 20] [--rate 100] [--out DIR]``
+``python -m benchmarks.profile [--mode miss|pairs] [--seconds 20] [--rate 100] [--out DIR]``
 
 Spawns the stack (:mod:`benchmarks.stack`), drives it with wrk in the ``miss``
-scenario at 100 connections, then, one process at a time: psutil CPU per
+scenario (base64 bodies) or the ``pairs`` one (JSON ``[[I, Q]]`` bodies, every
+one distinct too) at 100 connections, then, one process at a time: psutil CPU per
 process group over a window, ``py-spy record --gil`` of each gunicorn worker,
 of one pool child and of the Celery main process, and a ``py-spy dump`` of each.
 Prints the top functions (self and inclusive %) per process and keeps the raw
@@ -77,14 +78,27 @@ def top_functions(raw_files: Sequence[Path], n_self: int = 20, n_incl: int = 30)
     return "\n".join(lines)
 
 
-def _cpu(pids: Sequence[int]) -> dict[int, float]:
+def _switches(pid: int) -> int:
+    """Context switches of every thread of ``pid`` (its /proc status counts the main one only)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:  # the thread ended
+            continue
+        total += sum(int(line.split()[1]) for line in lines if "ctxt_switches" in line)
+    return total
+
+
+def _cpu(pids: Sequence[int]) -> dict[int, tuple[float, float, int]]:
+    """pid -> (CPU s, of which system s, context switches of all its threads) so far."""
     out = {}
     for pid in pids:
         try:
             times = psutil.Process(pid).cpu_times()
         except psutil.Error:
             continue
-        out[pid] = times.user + times.system
+        out[pid] = (times.user + times.system, times.system, _switches(pid))
     return out
 
 
@@ -95,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--scenes", type=int, default=60)
+    parser.add_argument(
+        "--mode", choices=("miss", "pairs"), default="miss", help="the bench scenario to drive"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"))
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -105,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="heimdall-profile-"))
     try:
-        workload = build_workload(Options(scenes=args.scenes, pairs_scenes=1), work)
+        workload = build_workload(
+            Options(scenes=args.scenes, pairs_scenes=args.scenes if args.mode == "pairs" else 1),
+            work,
+        )
         with spawn_stack() as stack:
             api = [p.pid for p in psutil.Process(stack.pids["gunicorn"]).children()]
             pool = [p.pid for p in psutil.Process(stack.pids["worker"]).children()]
@@ -113,11 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "celery_children": pool, "redis": [stack.pids["redis"]]}  # fmt: skip
             records = [(f"api{i}", pid) for i, pid in enumerate(api)]
             records += [("child", pool[0]), ("celery_main", stack.pids["worker"])]
+            manifest = "pairs" if args.mode == "pairs" else "base64"
             duration = 15 + 20 + args.seconds * len(records) + 10
             load = subprocess.Popen(
                 [wrk, "-t2", f"-c{args.connections}", f"-d{int(duration)}s", "--timeout", "60s",
-                 "-s", str(LUA_SCRIPT), stack.base_url, "--", "mode=miss",
-                 f"manifest={workload.manifests['base64']}", "path=/api/v1/predict", "salt=1",
+                 "-s", str(LUA_SCRIPT), stack.base_url, "--", f"mode={args.mode}",
+                 f"manifest={workload.manifests[manifest]}", "path=/api/v1/predict", "salt=1",
                  f"conns_per_thread={max(1, args.connections // 2)}"],
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
@@ -126,10 +147,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             before, load_before = _cpu(everyone), load_average()
             time.sleep(20)
             after = _cpu(everyone)
-            cpu = {name: round(sum(after[p] - before[p] for p in pids if p in after), 2)
-                   for name, pids in groups.items()}  # fmt: skip
-            cpu["wrk"] = round(after.get(load.pid, 0.0) - before.get(load.pid, 0.0), 2)
-            summary: dict[str, object] = {"cpu_s_in_20s": cpu, "load_average": load_before}
+
+            def spent(pids: Sequence[int], field: int) -> float:
+                return sum(
+                    after[p][field] - before[p][field] for p in pids if p in before and p in after
+                )
+
+            every = {**groups, "wrk": [load.pid]}
+            cpu = {name: round(spent(pids, 0), 2) for name, pids in every.items()}
+            system = {name: round(spent(pids, 1), 2) for name, pids in every.items()}
+            switches = {name: int(spent(pids, 2)) for name, pids in every.items()}
+            summary: dict[str, object] = {
+                "cpu_s_in_20s": cpu, "of_which_system_s": system,
+                "context_switches_in_20s": switches, "load_average": load_before,
+            }  # fmt: skip
             print(json.dumps(summary))
             for name, pid in records:
                 raw = args.out / f"{name}.raw"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import math
 import struct
@@ -161,39 +162,47 @@ def _decode_base64(text: str, station: str, field: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<c8").astype(np.complex64)
 
 
-def _decode_pairs(pairs: list[Any], station: str, field: str) -> np.ndarray:
-    if pairs and not all(
+def _is_pair(p: Any) -> bool:
+    return (
         isinstance(p, list)
         and len(p) == 2
         and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
-        for p in pairs
-    ):
-        bad = next(
-            i
-            for i, p in enumerate(pairs)
-            if not (
-                isinstance(p, list)
-                and len(p) == 2
-                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+    )
+
+
+def _decode_pairs(pairs: list[Any], station: str, field: str) -> np.ndarray:
+    # A JSON parser gives exact lists, floats and ints: the type sets below are
+    # built at C speed (~0.1 us per sample, against ~1 us for a per-pair Python
+    # check). Anything else (a bad item, or a subclass such as numpy's float64
+    # from a Python caller) takes the per-pair check, which names the bad item.
+    samples = itertools.chain.from_iterable
+    plain = (
+        set(map(type, pairs)) <= {list}
+        and set(map(len, pairs)) <= {2}
+        and set(map(type, samples(pairs))) <= {float, int}
+    )
+    if not plain:
+        bad = next((i for i, p in enumerate(pairs) if not _is_pair(p)), None)
+        if bad is not None:
+            raise InvalidIQ(
+                f"station {station!r}: iq[{bad}] is not an [I, Q] pair of two numbers",
+                field=f"{field}[{bad}]",
             )
-        )
-        raise InvalidIQ(
-            f"station {station!r}: iq[{bad}] is not an [I, Q] pair of two numbers",
-            field=f"{field}[{bad}]",
-        )
     try:
-        arr = np.array(pairs, dtype=np.float64).reshape(-1, 2)
+        # I, Q, I, Q, ... read straight from the lists: no nested-sequence
+        # shape discovery, and the float64 buffer is the complex128 one.
+        flat = np.fromiter(samples(pairs), dtype=np.float64, count=2 * len(pairs))
     except OverflowError as exc:  # an integer beyond float range, e.g. 10**400
         raise InvalidIQ(
             f"station {station!r}: a sample is too large to be a number ({exc})", field=field
         ) from exc
-    if not np.all(np.isfinite(arr)):
+    if not np.all(np.isfinite(flat)):
         raise InvalidIQ(f"station {station!r}: recording contains NaN or Inf", field=field)
-    if np.abs(arr).max(initial=0.0) > np.finfo(np.float32).max:
+    if np.abs(flat).max(initial=0.0) > np.finfo(np.float32).max:
         raise InvalidIQ(
             f"station {station!r}: a sample exceeds the float32 range of complex64", field=field
         )
-    return (arr[:, 0] + 1j * arr[:, 1]).astype(np.complex64)
+    return flat.view(np.complex128).astype(np.complex64)
 
 
 def _number(payload: Mapping[str, Any], key: str, default: float | None = None) -> float:

@@ -57,6 +57,33 @@ def test_pairs_decode_to_the_same_samples_as_base64():
     np.testing.assert_array_equal(decode_iq(pairs, "torino"), decode_iq(encode_base64(x), "torino"))
 
 
+def test_pairs_keep_signed_zeros_and_integers_exactly():
+    pairs = [[-0.0, 0.0], [0.0, -0.0], [3, -2]] + [[0.25, -0.5]] * (MIN_SAMPLES - 3)
+    x = decode_iq(pairs, "torino")
+    expected = np.array([complex(i, q) for i, q in pairs], dtype=np.complex64)
+    assert x.tobytes() == expected.tobytes()
+
+
+def test_pairs_of_float_subclasses_decode_like_plain_floats():
+    # Not what a JSON parser gives, but a Python caller may pass numpy floats.
+    plain = [[0.5, -0.25]] * MIN_SAMPLES
+    numpy_floats = [[np.float64(0.5), np.float64(-0.25)]] * MIN_SAMPLES
+    assert decode_iq(numpy_floats, "torino").tobytes() == decode_iq(plain, "torino").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("bad", "index"),
+    [([1.0, None], 700), ([False, 1.0], 1023), ((1.0, 2.0), 5), ([[1.0], 2.0], 0), (3.0, 9)],
+)
+def test_the_first_bad_pair_is_named_among_good_ones(bad, index):
+    pairs = [[0.1, 0.2]] * 1024
+    pairs[index] = bad
+    pairs[-1] = "later and also bad"
+    with pytest.raises(errors.InvalidIQ, match=rf"iq\[{index}\] is not an") as info:
+        decode_iq(pairs, "torino", field="receivers[2].iq")
+    assert info.value.field == f"receivers[2].iq[{index}]"
+
+
 def test_canonical_form_sorts_stations_and_round_trips():
     req = decode(body())
     assert req.stations == tuple(sorted(STATIONS[:3]))
