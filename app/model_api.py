@@ -145,11 +145,29 @@ def _reload_timeout() -> float:
     return value
 
 
-def broadcast_reload(svc: Services, timeout_s: float) -> dict[str, Any]:
-    """Ask every live worker to reload; the replies and the verdict, as the CLI gives them.
+_WORKER_NAME = re.compile(r"^[A-Za-z0-9@._:-]{1,200}$")
 
-    Returns ``{"ok", "workers": [{hostname, ...reply}], "summary": [line, ...]}``.
-    Raises ServiceUnavailable (503) when no worker is running or the broker is down.
+
+def _reload_destination() -> list[str]:
+    """The workers named by ``?worker=`` (repeatable); empty: every live worker."""
+    names = request.args.getlist("worker")
+    for name in names:
+        if not _WORKER_NAME.match(name):
+            raise InvalidRequest(
+                f"worker must be a worker's node name such as heimdall@host, got {name!r}",
+                field="worker",
+            )
+    return names
+
+
+def broadcast_reload(
+    svc: Services, timeout_s: float, destination: list[str] | None = None
+) -> dict[str, Any]:
+    """Ask the live workers (or only ``destination``) to reload; the replies and the verdict.
+
+    Returns ``{"ok", "workers": [{hostname, ...reply}], "summary": [line, ...]}``,
+    as the CLI gives them. Raises ServiceUnavailable (503) when no worker is
+    running or the broker is down.
     """
     try:
         expected = len(live_workers(svc.redis, svc.settings.heartbeat_timeout_s))
@@ -163,7 +181,8 @@ def broadcast_reload(svc: Services, timeout_s: float) -> dict[str, Any]:
             arguments={},
             reply=True,
             timeout=timeout_s,
-            limit=expected,
+            destination=destination or None,
+            limit=len(destination) if destination else expected,
         )
     except Exception as exc:
         if not is_redis_outage(exc):
@@ -181,13 +200,13 @@ def broadcast_reload(svc: Services, timeout_s: float) -> dict[str, Any]:
 @bp.post("/model/reload")
 @admin
 def reload_model() -> Response:
-    """Make every worker re-resolve its versions, test them, and restart on them.
+    """Make the workers (all, or those named by ``?worker=``) reload their versions.
 
     200 when every worker replied ok; 502 with each worker's error when any
     refused (those keep serving what they had); 503 when no worker answered.
     """
     svc = services()
-    outcome = broadcast_reload(svc, _reload_timeout())
+    outcome = broadcast_reload(svc, _reload_timeout(), _reload_destination())
     svc.model.forget()
     if outcome["ok"]:
         return _json(outcome)

@@ -283,7 +283,16 @@ OPERATIONS: list[Operation] = [
         "Make every worker re-resolve, test and reload its versions",
         "model",
         {200: ReloadResponse, 400: Problem, 502: ReloadProblem, 503: ReloadProblem},
-        query=(("timeout", "number", "seconds to wait for the replies (default 60, max 300)"),),
+        query=(
+            ("timeout", "number", "seconds to wait for the replies (default 60, max 300)"),
+            (
+                "worker",
+                "array",
+                "reload only this worker (node name, e.g. heimdall@host); repeat for several "
+                "(default: every live worker)",
+                {"items": {"type": "string", "pattern": "^[A-Za-z0-9@._:-]{1,200}$"}},
+            ),
+        ),
         admin=True,
     ),
     Operation(
