@@ -151,7 +151,7 @@ def _answer(task: PredictionTask, job_list: Sequence[Any]) -> list[jobs.Item]:
     if instead is not None:
         return list(instead) if isinstance(instead, list) else [instead]
     try:
-        return jobs.predict_jobs(
+        items = jobs.predict_jobs(
             job_list,
             model.current_served(),
             jobs.memo_fetcher(_fetch_payload),
@@ -164,6 +164,40 @@ def _answer(task: PredictionTask, job_list: Sequence[Any]) -> list[jobs.Item]:
             f"prediction exceeded its time limit ({task.soft_time_limit:g} s)"
         )
         return [jobs.error_item(late) for _ in job_list]
+    if any(_payload_gone(item) for item in items):
+        earlier = _stored_success(task)
+        if earlier is not None:
+            return earlier
+    return items
+
+
+def _payload_gone(item: jobs.Item) -> bool:
+    return item["status"] == "error" and item["problem"].get("type", "").endswith(
+        jobs.PayloadExpired.type
+    )
+
+
+def _stored_success(task: PredictionTask) -> list[jobs.Item] | None:
+    """The result another run of this same task already stored, if it succeeded.
+
+    A message can be delivered twice at once: when the broker connection drops,
+    kombu puts the unacknowledged messages back, so a second child may start a
+    task the first is still running. The first stores its result, then deletes
+    the payload; the second then finds no payload. Its 410 must not replace the
+    stored answer.
+    """
+    if not task.request.id:
+        return None
+    try:
+        meta = task.backend.get_task_meta(task.request.id)
+    except Exception as exc:  # the backend is the result store: any failure means "unknown"
+        log.warning("cannot read the stored result of %s: %s", task.request.id, exc)
+        return None
+    if meta.get("status") != states.SUCCESS:
+        return None
+    log.warning("task %s ran twice at once; answering the first run's result", task.request.id)
+    result = meta.get("result")
+    return list(result) if isinstance(result, list) else [result]
 
 
 class _PredictTask(PredictionTask):

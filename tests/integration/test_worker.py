@@ -8,6 +8,7 @@ canonical blob form the API produces.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import time
@@ -176,6 +177,32 @@ def test_predict_bad_job_returns_problem_not_exception(
     assert answer["problem"]["status"] == status
     assert answer["problem"]["type"] == f"urn:heimdall:problem:{type_}"
     assert answer["problem"]["detail"]
+
+
+def test_a_second_delivery_after_the_first_answered_keeps_its_answer(
+    celery_worker_proc: Any, celery_client: Celery, cache: redis.Redis
+) -> None:
+    """Two deliveries of one message at once: the late one finds no payload.
+
+    The first run stored its answer and deleted the payload; the second must
+    answer that stored result, not a 410 that would overwrite it.
+    """
+    task_id = str(uuid.uuid4())
+    first = {"status": "ok", "result": {"answered": "by the first delivery"}}
+    celery_client.backend.store_result(task_id, first, "SUCCESS")
+    gone = {"payload_key": "heimdall:payload:" + "0" * 64 + ":deleted", "payload_b64": None}
+
+    celery_client.send_task("heimdall.predict", args=[gone], task_id=task_id)
+
+    # The worker writes each run's outcome into the job record: wait for it.
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    outcome = None
+    while outcome is None and time.monotonic() < deadline:
+        outcome = cache.hget(f"heimdall:job:{task_id}", "outcome")
+        time.sleep(0.2)
+    assert outcome is not None, "the second delivery never ran"
+    assert json.loads(outcome) == first
+    assert celery_client.backend.get_task_meta(task_id, cache=False)["result"] == first
 
 
 def test_predict_chunk_answers_each_item_in_order(
