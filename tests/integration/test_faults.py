@@ -357,7 +357,8 @@ def test_sync_answers_and_payloads_leave_no_state_behind(
     request_factory: Callable[..., dict[str, Any]],
     celery_worker_proc: Any,
 ) -> None:
-    client = create_app(app_settings).test_client()
+    # A wait long enough for a busy machine: this test is about the state a 200 leaves.
+    client = create_app(app_settings.model_copy(update={"predict_timeout_s": 120.0})).test_client()
     card = ModelCard.load(shipped_model_dir() / CARD_FILENAME)
     bodies = [request_factory(87500 + i) for i in range(5)]
     digests = [
