@@ -12,14 +12,23 @@ The whole stop takes at most ``drain_s + graceful_timeout`` (5 + 15 s by
 default): the grace periods of deploy/supervisord.conf, deploy/k8s/api.yaml and
 docker-compose.yml are above that. A second SIGTERM skips the rest of the drain;
 SIGINT/SIGQUIT stop at once, as in plain gunicorn.
+
+Reload: SIGHUP (new code or config) starts the new workers next to the old
+ones; the old ones keep serving until every new one has resolved its model
+and is about to accept, then answer their remaining keep-alive clients with
+``Connection: close`` for ``keepalive`` seconds and stop gracefully (see
+:class:`Handover`). Plain gunicorn stops the old workers at once, which left
+seconds without an answer while the new ones imported the app.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +105,93 @@ class Drain:
         return self._flag[0] == 1
 
 
+class Handover:
+    """Which workers are ready and which are retiring, shared by the master and its workers.
+
+    One byte per worker age (gunicorn numbers its workers 1, 2, 3, ... as it
+    spawns them), in anonymous shared memory mapped before any worker forks:
+    a worker writes READY into its byte once it can answer, the master writes
+    RETIRING into an old worker's byte when its replacements are ready.
+    """
+
+    SLOTS = 1 << 16
+    READY, RETIRING = 1, 2
+
+    def __init__(self) -> None:
+        self._board = mmap.mmap(-1, self.SLOTS)
+
+    def mark(self, age: int, state: int) -> None:
+        """Record ``state`` for the worker of this age."""
+        self._board[age % self.SLOTS] = state
+
+    def state(self, age: int) -> int:
+        """The state last recorded for the worker of this age (0: none)."""
+        return self._board[age % self.SLOTS]
+
+
+HANDOVER_TIMEOUT_S = 180.0
+"""A SIGHUP whose new workers are not all ready after this long falls back to
+gunicorn's own behaviour (the old workers stop), logged as an error."""
+
+
+def _workers(server: Any) -> list[tuple[int, Any]]:
+    """A snapshot of the master's workers, safe to take from another thread."""
+    while True:
+        try:
+            return list(server.WORKERS.items())
+        except RuntimeError:  # the master changed the table during the copy
+            time.sleep(0.01)
+
+
+def _hand_over(server: Any, handover: Handover, last_age: int, wanted: int) -> None:
+    """Runs in a thread of the master: retire the workers up to ``last_age`` once
+    ``wanted`` newer ones are ready, let their keep-alive clients go, then stop them."""
+    deadline = time.monotonic() + HANDOVER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        new = [w for _, w in _workers(server) if w.age > last_age]
+        if sum(handover.state(w.age) == Handover.READY for w in new) >= wanted:
+            break
+        time.sleep(0.2)
+    else:
+        server.log.error(
+            "Reload: the new workers are not ready after %g s; stopping the old ones anyway",
+            HANDOVER_TIMEOUT_S,
+        )
+    old = [(pid, w) for pid, w in _workers(server) if w.age <= last_age]
+    for _, w in old:
+        handover.mark(w.age, Handover.RETIRING)
+    server.log.info(
+        "Reload: new workers ready; %d old ones close their keep-alive connections", len(old)
+    )
+    time.sleep(server.cfg.keepalive + 1.0)
+    server.num_workers = server.cfg.workers
+    for pid, _ in old:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    server.wakeup()
+
+
+def on_reload(server: Any) -> None:
+    """SIGHUP: keep the old workers in the count, so gunicorn does not stop them yet.
+
+    gunicorn spawns the new workers right after this hook and then stops every
+    worker beyond ``num_workers``, oldest first; :func:`_hand_over` lowers the
+    count (and stops the old ones) once the new ones are ready.
+    """
+    old = _workers(server)
+    if not old:
+        return
+    last_age = max(w.age for _, w in old)
+    server.num_workers = len(old) + server.cfg.workers
+    thread = threading.Thread(
+        target=_hand_over,
+        args=(server, server.heimdall_handover, last_age, server.cfg.workers),
+        name="heimdall-handover",
+        daemon=True,
+    )
+    thread.start()
+
+
 def _drain_on_term(server: Any, drain: Drain, drain_s: float) -> None:
     """Make the master's SIGTERM drain for ``drain_s`` seconds before gunicorn's own stop.
 
@@ -132,23 +228,28 @@ def on_starting(server: Any) -> None:
     for stale in _metrics_dir.glob("*.db"):
         stale.unlink(missing_ok=True)
     server.heimdall_drain = Drain()
+    server.heimdall_handover = Handover()
     if _settings.drain_s > 0:
         _drain_on_term(server, server.heimdall_drain, _settings.drain_s)
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """Hand the instance's drain flag to the new worker."""
+    """Hand the instance's drain flag and hand-over board to the new worker."""
     worker.heimdall_drain = server.heimdall_drain
+    worker.heimdall_handover = server.heimdall_handover
 
 
 def pre_request(worker: Any, req: Any) -> None:
-    """Log the request at debug level (gunicorn's default); while draining, close its connection.
+    """Log the request at debug level (gunicorn's default); draining or retiring: close after it.
 
     After its response, a keep-alive client opens a new connection for its next request,
     which its load balancer sends to an instance that is not draining.
     """
     worker.log.debug("%s %s", req.method, req.path)
-    if worker.heimdall_drain.active():
+    if (
+        worker.heimdall_drain.active()
+        or worker.heimdall_handover.state(worker.age) == Handover.RETIRING
+    ):
         req.must_close = True
 
 
@@ -160,7 +261,7 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Let /ready see the drain flag; resolve the served model before the first request.
+    """Let /ready see the drain flag; resolve the served model; then report the worker ready.
 
     The first resolution imports MLflow and reads the registry (2-3 s); doing it
     here keeps that off the first client's latency. A registry that is not
@@ -175,3 +276,4 @@ def post_worker_init(worker: Any) -> None:
         services(worker.wsgi).model.current()
     except HeimdallError as exc:
         worker.log.warning("model not resolved at start (will retry per request): %s", exc)
+    worker.heimdall_handover.mark(worker.age, Handover.READY)

@@ -15,6 +15,7 @@ and when is printed as JSON for the record.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -460,3 +461,65 @@ def test_sigterm_to_the_worker_loses_no_job(
     # The premise: the first worker stopped with jobs left (queued or running).
     assert after_first.count("succeeded") < len(jobs), report
     assert final == ["succeeded"] * len(jobs), report
+
+
+def _worker_pids(api: Gunicorn) -> set[int]:
+    """The pids of the master's worker processes right now."""
+    children = Path(f"/proc/{api.proc.pid}/task/{api.proc.pid}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+def test_sighup_replaces_the_workers_without_a_gap(
+    drain_env: dict[str, str],
+    start_gunicorn: Callable[[dict[str, str]], Gunicorn],
+    worker_factory: Callable[..., Any],
+    request_factory: MakeRequest,
+) -> None:
+    worker = worker_factory("reload-api-worker@%h", env_overrides=drain_env, wait=None)
+    try:
+        api = start_gunicorn({"HEIMDALL_CACHE_TTL_S": "0", "HEIMDALL_PREDICT_TIMEOUT_S": "20"})
+        _wait_until(
+            "/ready is 200", lambda: _probe(api.url("/ready")) == 200, START_TIMEOUT_S, api.log
+        )
+        old_pids = _worker_pids(api)
+        clients = Clients(
+            api.url("/api/v1/predict"), [request_factory(93_000 + i) for i in range(24)]
+        )
+        clients.start()
+        try:
+            _wait_until("predictions are answered", lambda: clients.answered() >= 20, 120)
+            hup_at = time.monotonic()
+            api.proc.send_signal(signal.SIGHUP)
+
+            def replaced() -> bool:
+                pids = _worker_pids(api)
+                return len(pids) == 2 and not pids & old_pids
+
+            _wait_until("the old workers are replaced", replaced, STOP_TIMEOUT_S, api.log)
+            replaced_after_s = time.monotonic() - hup_at
+            answered_at_replacement = clients.answered()
+            _wait_until(
+                "the new workers answer",
+                lambda: clients.answered() >= answered_at_replacement + 20,
+                120,
+                api.log,
+            )
+        finally:
+            clients.stop()
+    finally:
+        worker.stop(timeout=60)
+
+    sent = sorted(clients.sent, key=lambda s: s.ended)
+    after_hup = [s.ended for s in sent if s.ended > hup_at]
+    gaps = [b - a for a, b in itertools.pairwise(after_hup)]
+    report = {
+        "sent": len(sent),
+        "outcomes": sorted({str(s.outcome) for s in sent}),
+        "replaced_after_s": round(replaced_after_s, 2),
+        "longest_gap_between_answers_after_sighup_s": round(max(gaps, default=0.0), 2),
+    }
+    print(json.dumps(report))
+    log = api.log()
+    assert "Reload: new workers ready" in log, log
+    # Every request sent around the reload was answered: none reset, refused or 5xx.
+    assert [s for s in sent if s.outcome != 200] == [], report
