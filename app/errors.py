@@ -86,6 +86,33 @@ def http_problem(exc: HTTPException) -> dict[str, Any]:
     )
 
 
+def server_problem_response(status: int, reason: str, detail: str) -> bytes:
+    """A whole HTTP/1.1 response carrying a problem document, for errors the server answers.
+
+    gunicorn answers a request it cannot parse (bad request line, headers too
+    large, unsupported transfer coding) before the app sees it, with an HTML
+    page of its own; deploy/gunicorn.conf.py has it write this instead, so a
+    client gets the same ``application/problem+json`` from every layer.
+    """
+    slug = (reason or "error").lower().replace(" ", "-")
+    problem = bounded_problem(
+        {
+            "type": f"{_PROBLEM_PREFIX}{slug}",
+            "title": reason or "Error",
+            "status": status,
+            "detail": detail or reason or "the server could not handle this request",
+        }
+    )
+    body = json.dumps(problem).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Connection: close\r\n"
+        f"Content-Type: {PROBLEM_MIMETYPE}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
 def _on_heimdall_error(exc: HeimdallError) -> Response:
     problem = exc.to_problem()
     g.problem = problem

@@ -260,6 +260,23 @@ def child_exit(server: Any, worker: Any) -> None:
     GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
 
 
+def _answer_server_errors_as_problems() -> None:
+    """Make gunicorn answer the requests it refuses itself with problem documents.
+
+    A request gunicorn cannot parse (bad request line, headers over
+    ``limit_request_*``) never reaches the app; gunicorn writes its error page
+    with ``gunicorn.util.write_error``, which this replaces in the worker.
+    """
+    from gunicorn import util
+
+    from app.errors import server_problem_response
+
+    def write_problem(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+        util.write_nonblock(sock, server_problem_response(status_int, reason, mesg))
+
+    util.write_error = write_problem
+
+
 def post_worker_init(worker: Any) -> None:
     """Let /ready see the drain flag; resolve the served model; then report the worker ready.
 
@@ -272,6 +289,7 @@ def post_worker_init(worker: Any) -> None:
     from heimdall.errors import HeimdallError
 
     worker.wsgi.extensions[DRAINING_EXTENSION] = worker.heimdall_drain.active
+    _answer_server_errors_as_problems()
     try:
         services(worker.wsgi).model.current()
     except HeimdallError as exc:

@@ -258,3 +258,41 @@ def test_openapi_and_docs_over_http(gunicorn: Gunicorn, http: requests.Session) 
     assert "/api/v1/predict/batch" in spec.json()["paths"]
     assert docs.status_code == 200 and docs.headers["Content-Type"].startswith("text/html")
     assert "/api/v1/jobs/{job_id}" in docs.text
+
+
+def _raw_exchange(gunicorn: Gunicorn, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` as is on a new connection; the status, headers and body answered."""
+    port = int(gunicorn.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-H: 1\r\n" * 120 + b"\r\n", 431),
+    ],
+    ids=["bad-request-line", "header-too-large", "too-many-headers"],
+)
+def test_requests_gunicorn_refuses_get_problem_documents(
+    gunicorn: Gunicorn, request_bytes: bytes, status: int
+) -> None:
+    answered, headers, body = _raw_exchange(gunicorn, request_bytes)
+
+    assert answered == status, body
+    assert headers["content-type"] == PROBLEM, headers
+    problem = json.loads(body)
+    assert problem["status"] == status
+    assert problem["type"].startswith("urn:heimdall:problem:")
+    assert problem["title"] and problem["detail"], problem
+    # The server still answers afterwards.
+    assert requests.get(gunicorn.url("/health"), timeout=10).status_code == 200
