@@ -24,6 +24,7 @@ import orjson
 import redis
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
+from app.body import read_body
 from app.dispatch import Finished, JobRecord, job_status
 from app.errors import RemoteProblem, WorkerFailure, problem_type_slug
 from app.model import Choice
@@ -110,7 +111,7 @@ def raw_body() -> bytes:
         raise UnsupportedMediaType(
             f"send the body as application/json, not {mimetype or 'no content type'}"
         )
-    raw = request.get_data(cache=False)  # raises 413 past the request's max_content_length
+    raw = read_body(request)  # raises 413 past the request's max_content_length
     limit = request.max_content_length
     # A chunked body (no Content-Length) is cut at the limit by the reader;
     # anything left means it was longer: refuse it, never answer a prefix.

@@ -296,3 +296,23 @@ def test_requests_gunicorn_refuses_get_problem_documents(
     assert problem["title"] and problem["detail"], problem
     # The server still answers afterwards.
     assert requests.get(gunicorn.url("/health"), timeout=10).status_code == 200
+
+
+def test_a_body_shorter_than_its_content_length_is_a_400(gunicorn: Gunicorn) -> None:
+    head = (
+        b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000\r\nConnection: close\r\n\r\n"
+    )
+    port = int(gunicorn.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + b'{"receivers": [')
+        sock.shutdown(socket.SHUT_WR)  # the client gives up mid-body
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+
+    status = int(reply.split(b" ", 2)[1]) if reply else None
+    # Either a 400 problem reaches the client, or nothing does; never a 5xx.
+    assert status in (400, None), reply
+    assert requests.get(gunicorn.url("/health"), timeout=10).status_code == 200
+    assert "Traceback" not in gunicorn.log()
