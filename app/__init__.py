@@ -13,6 +13,7 @@ from flask import Flask, Response
 from app import api, health, model_api, openapi
 from app.auth import register_auth
 from app.errors import register_error_handlers
+from app.jsonprovider import OrjsonProvider
 from app.logs import configure_logging, install_request_hooks
 from app.metrics import init_metrics
 from app.services import EXTENSION, Services
@@ -47,6 +48,7 @@ def create_app(config: Settings | None = None) -> Flask:
     configure_logging(settings.log_level, settings.log_format)
 
     app = Flask(__name__)
+    app.json = OrjsonProvider(app)
     # Werkzeug answers 413 on its own once a body passes this many bytes.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
 

@@ -9,13 +9,13 @@ rather than paying the timeout again on every request.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 import redis
 
 from app.metrics import ApiMetrics
@@ -93,7 +93,7 @@ class PredictionCache:
         if raw is None:
             return None
         try:
-            found: dict[str, Any] = json.loads(raw)
+            found: dict[str, Any] = orjson.loads(raw)
         except ValueError:
             log.warning("unreadable cache entry ignored", extra={"key": key})
             return None
@@ -122,7 +122,7 @@ class PredictionCache:
                     if value is None:
                         continue
                     try:
-                        found[i] = json.loads(value)
+                        found[i] = orjson.loads(value)
                     except ValueError:
                         log.warning("unreadable cache entry ignored", extra={"key": keys[i]})
         hits = sum(value is not None for value in found)
@@ -158,7 +158,7 @@ class PredictionCache:
                     if not model.get("name") or not model.get("version"):
                         continue
                     key = key_of(str(model["name"]), str(model["version"]), digest)
-                    pipe.set(key, json.dumps(result, separators=(",", ":")), ex=self.ttl_s)
+                    pipe.set(key, orjson.dumps(result), ex=self.ttl_s)
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._failed("set", exc)

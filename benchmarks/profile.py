@@ -1,10 +1,11 @@
 """Profile the service under load with py-spy (how benchmarks/PROFILE.md was made).
 
-``python -m benchmarks.profile [--mode miss|pairs] [--seconds 20] [--rate 100] [--out DIR]``
+``python -m benchmarks.profile [--mode miss|hit|pairs] [--seconds 20] [--rate 100] [--out DIR]``
 
 Spawns the stack (:mod:`benchmarks.stack`), drives it with wrk in the ``miss``
-scenario (base64 bodies) or the ``pairs`` one (JSON ``[[I, Q]]`` bodies, every
-one distinct too) at 100 connections, then, one process at a time: psutil CPU per
+scenario (base64 bodies), the ``hit`` one (10 of them repeated) or the ``pairs``
+one (JSON ``[[I, Q]]`` bodies, every one distinct too) at 100 connections, then,
+one process at a time: psutil CPU per
 process group over a window, ``py-spy record --gil`` of each gunicorn worker,
 of one pool child and of the Celery main process, and a ``py-spy dump`` of each.
 Prints the top functions (self and inclusive %) per process and keeps the raw
@@ -110,7 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--scenes", type=int, default=60)
     parser.add_argument(
-        "--mode", choices=("miss", "pairs"), default="miss", help="the bench scenario to drive"
+        "--mode",
+        choices=("miss", "hit", "pairs"),
+        default="miss",
+        help="the bench scenario to drive",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"))
     args = parser.parse_args(argv)
