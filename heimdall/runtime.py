@@ -172,6 +172,9 @@ class Localizer:
         self.stations_enu = _slot_enu(card)
         self.likelihood = baseline.LikelihoodParams(**card.fusion.get("likelihood", {}))
         self.covariance_model = CovarianceModel.from_fusion(card.fusion)
+        # The coarse search grid and its log-distances to the stations are fixed per model.
+        self.grid = baseline.search_grid(self.stations_enu, self.likelihood)
+        self.grid_logd = baseline.log_distance(self.grid, self.stations_enu)
         self.prior_scale = float(card.fusion.get("prior_scale", 1.0))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -219,15 +222,15 @@ class Localizer:
         :class:`CovarianceModel`, calibrated on held-out scene families.
         """
         position, uncertainty = self.run(x, mask)
-        grid = baseline.search_grid(self.stations_enu, self.likelihood)
         posts = [
             baseline.posterior(
                 xi,
                 mi,
                 self.stations_enu,
                 self.likelihood,
-                grid,
+                self.grid,
                 prior=(p, _covariance(u) * self.prior_scale),
+                grid_logd=self.grid_logd,
             )
             for xi, mi, p, u in zip(x, mask, position, uncertainty, strict=True)
         ]
