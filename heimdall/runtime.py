@@ -294,7 +294,11 @@ class Localizer:
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         return [
             localization_result(
-                loc, self.card, self.identity, inference_time_ms=elapsed_ms / len(locs)
+                loc,
+                self.card,
+                self.identity,
+                inference_time_ms=elapsed_ms / len(locs),
+                covariance_model=self.covariance_model,
             )
             for loc in locs
         ]
@@ -344,10 +348,15 @@ def localization_result(
     identity: ModelIdentity,
     *,
     inference_time_ms: float,
+    covariance_model: CovarianceModel | None = None,
 ) -> dict[str, Any]:
-    """The prediction document returned by the API (position, uncertainty, GeoJSON)."""
+    """The prediction document returned by the API (position, uncertainty, GeoJSON).
+
+    ``covariance_model`` is the card's (:meth:`CovarianceModel.from_fusion`),
+    passed in by a caller that already holds it.
+    """
     cov = loc.covariance
-    model = CovarianceModel.from_fusion(card.fusion)
+    model = covariance_model or CovarianceModel.from_fusion(card.fusion)
     ellipses = [geo.ellipse_from_covariance(cov, c, model.ellipse_scale(c)) for c in CONFIDENCES]
     return {
         "position": {"latitude": round(loc.latitude, 7), "longitude": round(loc.longitude, 7)},
