@@ -70,10 +70,6 @@ def log_distance(points: np.ndarray, stations_enu: np.ndarray) -> np.ndarray:
     return np.log10(np.maximum(d, MIN_DISTANCE_M) / 1_000.0)
 
 
-NEGLIGIBLE_LOG = 50.0
-"""Entries this far (natural log) below the posterior's best weigh under e^-50 of it: dropped."""
-
-
 def log_likelihood(
     logd: np.ndarray,
     signal_dbm: np.ndarray,
@@ -88,9 +84,7 @@ def log_likelihood(
     are 0/1 weights (a station absent from the request is neither).
     """
     ll, p0 = _detected_terms(logd, signal_dbm, detected, params)
-    cols = censored > 0
-    if cols.any():
-        ll = ll + _censored_terms(logd[:, cols], bound_dbm[cols], p0, params)
+    _add_censored_terms(ll, p0, logd, bound_dbm, censored, params)
     return np.moveaxis(ll, 0, -1).transpose(1, 0, 2)  # (P, E, Z)
 
 
@@ -132,60 +126,27 @@ def _detected_terms(
     return ll, p0
 
 
-def _censored_terms(
-    logd_c: np.ndarray, bound_c: np.ndarray, p0: np.ndarray, params: LikelihoodParams
-) -> np.ndarray:
-    """(Z, E, P) sum of log Phi((T_c - mu_c) / sigma) over the (P, C) censored stations."""
-    n = np.asarray(params.exponents)[:, None, None]
-    sigma = np.asarray(params.sigmas_db)[:, None, None, None]
-    headroom = bound_c + 10.0 * n * logd_c  # (E, P, C): T_c - model_c
-    return log_ndtr((headroom - p0[..., None]) / sigma).sum(-1)
-
-
-def _log_posterior(
+def _add_censored_terms(
+    ll: np.ndarray,
+    p0: np.ndarray,
     logd: np.ndarray,
-    signal_dbm: np.ndarray,
     bound_dbm: np.ndarray,
-    detected: np.ndarray,
     censored: np.ndarray,
     params: LikelihoodParams,
-    log_prior: np.ndarray,
-) -> np.ndarray:
-    """(P, E, Z) :func:`log_likelihood` plus the (P,) ``log_prior``, negligible entries -inf.
+) -> None:
+    """Add log Phi((T_c - mu_c) / sigma) of each censored station to the (Z, E, P) ``ll``.
 
-    The censored terms are the costly part and can only lower an entry, so they
-    are evaluated only where the rest comes within NEGLIGIBLE_LOG of a value the
-    maximum is known to reach; elsewhere the weight is below e^-50 of the best.
+    One station at a time, in place: the (Z, E, P) arrays stay contiguous, where a
+    trailing station axis would make every step (and the sum over it) strided.
     """
-    ll, p0 = _detected_terms(logd, signal_dbm, detected, params)
-    ll += log_prior
-    cols = censored > 0
-    if cols.any():
-        logd_c, bound_c = logd[:, cols], bound_dbm[cols]
-        best = np.unravel_index(int(np.argmax(ll)), ll.shape)
-        z, e, p = (np.array([i]) for i in best)
-        reached = ll[best] + _censored_at(logd_c, bound_c, p0, params, z, e, p)[0]
-        z, e, p = np.nonzero(ll >= reached - NEGLIGIBLE_LOG)
-        kept = ll[z, e, p] + _censored_at(logd_c, bound_c, p0, params, z, e, p)
-        ll.fill(-np.inf)
-        ll[z, e, p] = kept
-    return np.moveaxis(ll, 0, -1).transpose(1, 0, 2)
-
-
-def _censored_at(
-    logd_c: np.ndarray,
-    bound_c: np.ndarray,
-    p0: np.ndarray,
-    params: LikelihoodParams,
-    z: np.ndarray,
-    e: np.ndarray,
-    p: np.ndarray,
-) -> np.ndarray:
-    """:func:`_censored_terms` at the (sigma, exponent, point) index triples only."""
-    n = np.asarray(params.exponents)[e, None]
-    sigma = np.asarray(params.sigmas_db)[z, None]
-    headroom = bound_c + 10.0 * n * logd_c[p]  # (K, C)
-    return log_ndtr((headroom - p0[z, e, p][:, None]) / sigma).sum(-1)
+    n = np.asarray(params.exponents)[:, None]  # (E, 1)
+    sigma = np.asarray(params.sigmas_db)[:, None, None]  # (Z, 1, 1)
+    z = np.empty_like(ll)
+    for c in np.flatnonzero(censored > 0):
+        headroom = bound_dbm[c] + 10.0 * n * logd[:, c]  # (E, P): T_c - model_c
+        np.subtract(headroom, p0, out=z)
+        z /= sigma
+        ll += log_ndtr(z, out=z)
 
 
 @dataclass(frozen=True)
@@ -228,12 +189,12 @@ def _summary(points: np.ndarray, ll: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _log_gaussian(points: np.ndarray, prior: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    """(P,) log density (up to a constant) of a 2-D Gaussian prior at the points."""
+    """(P, 1, 1) log density (up to a constant) of a 2-D Gaussian prior at the points."""
     if prior is None:
-        return np.zeros(points.shape[0])
+        return np.zeros((points.shape[0], 1, 1))
     mean, cov = prior
     d = points - mean
-    return -0.5 * np.einsum("pi,ij,pj->p", d, np.linalg.inv(cov), d)
+    return -0.5 * np.einsum("pi,ij,pj->p", d, np.linalg.inv(cov), d)[:, None, None]
 
 
 def posterior(
@@ -256,8 +217,8 @@ def posterior(
     if grid_logd is None:
         grid_logd = log_distance(grid, stations_enu)
     signal, bound, det, cen = _scene_inputs(features, mask, params)
-    ll = _log_posterior(grid_logd, signal, bound, det, cen, params, _log_gaussian(grid, prior))
-    mean, cov, joint = _summary(grid, ll)
+    ll = log_likelihood(grid_logd, signal, bound, det, cen, params)
+    mean, cov, joint = _summary(grid, ll + _log_gaussian(grid, prior))
     sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
     if sd.max() < 3.0 * params.grid_step_m:
         # A tight posterior: re-evaluate on a fine grid around it.
@@ -265,9 +226,8 @@ def posterior(
         t = np.linspace(-half, half, params.fine_points)
         fe, fn = np.meshgrid(t, t)
         fine = mean + np.stack([fe.ravel(), fn.ravel()], axis=-1)
-        fine_logd = log_distance(fine, stations_enu)
-        ll = _log_posterior(fine_logd, signal, bound, det, cen, params, _log_gaussian(fine, prior))
-        mean, cov, joint = _summary(fine, ll)
+        ll = log_likelihood(log_distance(fine, stations_enu), signal, bound, det, cen, params)
+        mean, cov, joint = _summary(fine, ll + _log_gaussian(fine, prior))
         cell = (2.0 * half / (params.fine_points - 1)) ** 2 / 12.0
         cov = cov + np.eye(2) * cell
         grid = fine
