@@ -83,19 +83,23 @@ def log_likelihood(
     ``logd`` is (P, S); the station vectors are (S,); ``detected`` and ``censored``
     are 0/1 weights (a station absent from the request is neither).
     """
-    ll, p0 = _detected_terms(logd, signal_dbm, detected, params)
-    _add_censored_terms(ll, p0, logd, bound_dbm, censored, params)
+    ll, rbar = _detected_terms(logd, signal_dbm, detected, params)
+    if np.any(censored > 0):
+        _add_censored_terms(
+            ll, _p0_mean(rbar, detected.sum(), params), logd, bound_dbm, censored, params
+        )
     return np.moveaxis(ll, 0, -1).transpose(1, 0, 2)  # (P, E, Z)
 
 
 def _detected_terms(
     logd: np.ndarray, signal_dbm: np.ndarray, detected: np.ndarray, params: LikelihoodParams
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Z, E, P) log likelihood of the detected powers, and (Z, E, P) the posterior mean of P0.
+    """(Z, E, P) log likelihood of the detected powers, and (E, P) their mean residual.
 
     The residual of station i is ``w_i (s_i + 10 n logd_i) = a_i + n b_i``, so its
     weighted mean and spread over the stations are polynomials in the exponent n
-    whose coefficients are computed once per point, not once per (n, point).
+    whose coefficients are computed once per point, not once per (n, point); the
+    (Z, E, P) array is then filled with per-sigma coefficients, in place.
     """
     n = np.asarray(params.exponents)[:, None]  # (E, 1)
     sig2 = np.asarray(params.sigmas_db)[:, None, None] ** 2  # (Z, 1, 1)
@@ -117,13 +121,22 @@ def _detected_terms(
         rbar = np.zeros((n.shape[0], logd.shape[0]))
         ssr = rbar
     level = -0.5 * k * np.log(sig2) - 0.5 * np.log1p(k * tau2 / sig2)  # (Z, 1, 1)
-    prior_misfit = (rbar - params.p0_mean_dbm) ** 2
-    ll = level - ssr / (2.0 * sig2)
+    ll = np.multiply(ssr, -1.0 / (2.0 * sig2))  # (Z, E, P)
     if k > 0:
-        ll -= prior_misfit / (2.0 * (sig2 / k + tau2))
+        prior_misfit = (rbar - params.p0_mean_dbm) ** 2
+        ll -= prior_misfit * (1.0 / (2.0 * (sig2 / k + tau2)))
+    ll += level
+    return ll, rbar
+
+
+def _p0_mean(rbar: np.ndarray, k: float, params: LikelihoodParams) -> np.ndarray:
+    """(Z, E, P) posterior mean of P0 given the (E, P) mean residual of ``k`` detections, dBm."""
+    sig2 = np.asarray(params.sigmas_db)[:, None, None] ** 2  # (Z, 1, 1)
+    tau2 = params.p0_sd_db**2
     precision = k / sig2 + 1.0 / tau2
-    p0 = rbar * (k / sig2 / precision) + params.p0_mean_dbm / tau2 / precision
-    return ll, p0
+    p0 = np.multiply(rbar, k / sig2 / precision)
+    p0 += params.p0_mean_dbm / tau2 / precision
+    return p0
 
 
 def _add_censored_terms(
