@@ -127,6 +127,8 @@ def power_spectrogram(iq: np.ndarray, params: FeatureParams) -> np.ndarray:
     # scipy.signal.stft(window="hann", boundary=None, padded=False, detrend=False,
     # scaling="psd", two-sided) step by step, with the window and scale computed once.
     x = np.asarray(iq)
+    if x.shape[-1] < params.n_fft:
+        raise ValueError(f"{x.shape[-1]} samples is shorter than one STFT frame ({params.n_fft})")
     out_dtype = np.result_type(x, np.complex64)
     window, scale = _stft_window(params.n_fft, params.sample_rate_hz, out_dtype)
     frames = np.lib.stride_tricks.sliding_window_view(x, params.n_fft, axis=-1)
