@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import log_ndtr, logsumexp
+from scipy.special import log_ndtr
 
 MIN_DISTANCE_M = 200.0
 """Distances are clipped to at least this, m."""
@@ -64,7 +64,7 @@ def search_grid(stations_enu: np.ndarray, params: LikelihoodParams) -> np.ndarra
     return np.stack([ge.ravel(), gn.ravel()], axis=-1)
 
 
-def _log_distance(points: np.ndarray, stations_enu: np.ndarray) -> np.ndarray:
+def log_distance(points: np.ndarray, stations_enu: np.ndarray) -> np.ndarray:
     """(..., P, S) log10 of the point-station distances in km."""
     d = np.linalg.norm(points[..., :, None, :] - stations_enu, axis=-1)
     return np.log10(np.maximum(d, MIN_DISTANCE_M) / 1_000.0)
@@ -83,32 +83,83 @@ def log_likelihood(
     ``logd`` is (P, S); the station vectors are (S,); ``detected`` and ``censored``
     are 0/1 weights (a station absent from the request is neither).
     """
-    n = np.asarray(params.exponents)[:, None, None]  # (E, 1, 1)
-    model = -10.0 * n * logd[None]  # (E, P, S)
-    k = detected.sum()
-    sig2 = np.asarray(params.sigmas_db)[:, None, None, None] ** 2  # (Z, 1, 1, 1)
-    tau2 = params.p0_sd_db**2
-    r = (signal_dbm - model) * detected  # (E, P, S)
-    if k > 0:
-        rbar = r.sum(-1) / k
-        ssr = ((r - rbar[..., None]) ** 2 * detected).sum(-1)  # (E, P)
-    else:
-        rbar = np.zeros(model.shape[:2])
-        ssr = np.zeros(model.shape[:2])
-    sig2s = sig2[..., 0]  # (Z, 1, 1)
-    ll = (
-        -0.5 * k * np.log(sig2s)
-        - ssr / (2.0 * sig2s)
-        - 0.5 * np.log1p(k * tau2 / sig2s)
-        - (rbar - params.p0_mean_dbm) ** 2 / (2.0 * (sig2s / max(k, 1e-9) + tau2)) * (k > 0)
-    )  # (Z, E, P)
-    p0 = (k * rbar / sig2s + params.p0_mean_dbm / tau2) / (k / sig2s + 1.0 / tau2)
-    if censored.any():
-        cols = censored > 0
-        mu = p0[..., None] + model[None][..., cols]  # (Z, E, P, C)
-        z = (bound_dbm[cols] - mu) / np.sqrt(sig2)
-        ll = ll + log_ndtr(z).sum(-1)
+    ll, rbar = _detected_terms(logd, signal_dbm, detected, params)
+    if np.any(censored > 0):
+        _add_censored_terms(
+            ll, _p0_mean(rbar, detected.sum(), params), logd, bound_dbm, censored, params
+        )
     return np.moveaxis(ll, 0, -1).transpose(1, 0, 2)  # (P, E, Z)
+
+
+def _detected_terms(
+    logd: np.ndarray, signal_dbm: np.ndarray, detected: np.ndarray, params: LikelihoodParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Z, E, P) log likelihood of the detected powers, and (E, P) their mean residual.
+
+    The residual of station i is ``w_i (s_i + 10 n logd_i) = a_i + n b_i``, so its
+    weighted mean and spread over the stations are polynomials in the exponent n
+    whose coefficients are computed once per point, not once per (n, point); the
+    (Z, E, P) array is then filled with per-sigma coefficients, in place.
+    """
+    n = np.asarray(params.exponents)[:, None]  # (E, 1)
+    sig2 = np.asarray(params.sigmas_db)[:, None, None] ** 2  # (Z, 1, 1)
+    tau2 = params.p0_sd_db**2
+    k = detected.sum()
+    if k > 0:
+        a = signal_dbm * detected
+        b = 10.0 * logd * detected  # (P, S)
+        a_mean = a.sum() / k
+        b_mean = b.sum(-1) / k  # (P,)
+        da = a - a_mean
+        db = b - b_mean[:, None]
+        saa = (da * da * detected).sum()
+        sab = (db * (da * detected)).sum(-1)  # (P,)
+        sbb = (db * db * detected).sum(-1)
+        rbar = a_mean + n * b_mean  # (E, P)
+        ssr = saa + n * (2.0 * sab + n * sbb)
+    else:
+        rbar = np.zeros((n.shape[0], logd.shape[0]))
+        ssr = rbar
+    level = -0.5 * k * np.log(sig2) - 0.5 * np.log1p(k * tau2 / sig2)  # (Z, 1, 1)
+    ll = np.multiply(ssr, -1.0 / (2.0 * sig2))  # (Z, E, P)
+    if k > 0:
+        prior_misfit = (rbar - params.p0_mean_dbm) ** 2
+        ll -= prior_misfit * (1.0 / (2.0 * (sig2 / k + tau2)))
+    ll += level
+    return ll, rbar
+
+
+def _p0_mean(rbar: np.ndarray, k: float, params: LikelihoodParams) -> np.ndarray:
+    """(Z, E, P) posterior mean of P0 given the (E, P) mean residual of ``k`` detections, dBm."""
+    sig2 = np.asarray(params.sigmas_db)[:, None, None] ** 2  # (Z, 1, 1)
+    tau2 = params.p0_sd_db**2
+    precision = k / sig2 + 1.0 / tau2
+    p0 = np.multiply(rbar, k / sig2 / precision)
+    p0 += params.p0_mean_dbm / tau2 / precision
+    return p0
+
+
+def _add_censored_terms(
+    ll: np.ndarray,
+    p0: np.ndarray,
+    logd: np.ndarray,
+    bound_dbm: np.ndarray,
+    censored: np.ndarray,
+    params: LikelihoodParams,
+) -> None:
+    """Add log Phi((T_c - mu_c) / sigma) of each censored station to the (Z, E, P) ``ll``.
+
+    One station at a time, in place: the (Z, E, P) arrays stay contiguous, where a
+    trailing station axis would make every step (and the sum over it) strided.
+    """
+    n = np.asarray(params.exponents)[:, None]  # (E, 1)
+    sigma = np.asarray(params.sigmas_db)[:, None, None]  # (Z, 1, 1)
+    z = np.empty_like(ll)
+    for c in np.flatnonzero(censored > 0):
+        headroom = bound_dbm[c] + 10.0 * n * logd[:, c]  # (E, P): T_c - model_c
+        np.subtract(headroom, p0, out=z)
+        z /= sigma
+        ll += log_ndtr(z, out=z)
 
 
 @dataclass(frozen=True)
@@ -140,8 +191,9 @@ def _scene_inputs(
 
 def _summary(points: np.ndarray, ll: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights over points, and the normalized joint weights over (point, n, sigma)."""
-    flat = ll - logsumexp(ll)
-    joint = np.exp(flat)
+    top = ll.max()
+    joint = np.exp(ll - top)
+    joint /= joint.sum()
     w = joint.sum(axis=(1, 2))
     mean = w @ points
     d = points - mean
@@ -165,18 +217,21 @@ def posterior(
     params: LikelihoodParams | None = None,
     grid: np.ndarray | None = None,
     prior: tuple[np.ndarray, np.ndarray] | None = None,
+    grid_logd: np.ndarray | None = None,
 ) -> Posterior:
     """Posterior of one scene from (S, 3) station features and (S,) mask.
 
     ``prior`` (mean m, covariance m^2) replaces the uniform prior over the
-    search area by a Gaussian one, e.g. the network's estimate.
+    search area by a Gaussian one, e.g. the network's estimate. ``grid_logd``
+    is ``log_distance(grid, stations_enu)`` when the caller keeps it across scenes.
     """
     params = params or LikelihoodParams()
     grid = search_grid(stations_enu, params) if grid is None else grid
+    if grid_logd is None:
+        grid_logd = log_distance(grid, stations_enu)
     signal, bound, det, cen = _scene_inputs(features, mask, params)
-    ll = log_likelihood(_log_distance(grid, stations_enu), signal, bound, det, cen, params)
-    ll = ll + _log_gaussian(grid, prior)
-    mean, cov, joint = _summary(grid, ll)
+    ll = log_likelihood(grid_logd, signal, bound, det, cen, params)
+    mean, cov, joint = _summary(grid, ll + _log_gaussian(grid, prior))
     sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
     if sd.max() < 3.0 * params.grid_step_m:
         # A tight posterior: re-evaluate on a fine grid around it.
@@ -184,7 +239,7 @@ def posterior(
         t = np.linspace(-half, half, params.fine_points)
         fe, fn = np.meshgrid(t, t)
         fine = mean + np.stack([fe.ravel(), fn.ravel()], axis=-1)
-        ll = log_likelihood(_log_distance(fine, stations_enu), signal, bound, det, cen, params)
+        ll = log_likelihood(log_distance(fine, stations_enu), signal, bound, det, cen, params)
         mean, cov, joint = _summary(fine, ll + _log_gaussian(fine, prior))
         cell = (2.0 * half / (params.fine_points - 1)) ** 2 / 12.0
         cov = cov + np.eye(2) * cell
@@ -203,7 +258,7 @@ def _residual(point: np.ndarray, signal: np.ndarray, det: np.ndarray, st: np.nda
     k = int(det.sum())
     if k < 3:
         return 0.0
-    logd = _log_distance(point[None], st)[0][det > 0]
+    logd = log_distance(point[None], st)[0][det > 0]
     a = np.stack([np.ones(k), -10.0 * logd], axis=-1)
     coef, *_ = np.linalg.lstsq(a, signal[det > 0], rcond=None)
     r = signal[det > 0] - a @ coef
@@ -219,8 +274,10 @@ def posteriors(
     """:func:`posterior` of each scene of (N, S, 3) features and (N, S) mask."""
     params = params or LikelihoodParams()
     grid = search_grid(stations_enu, params)
+    logd = log_distance(grid, stations_enu)
     return [
-        posterior(f, m, stations_enu, params, grid) for f, m in zip(features, mask, strict=True)
+        posterior(f, m, stations_enu, params, grid, grid_logd=logd)
+        for f, m in zip(features, mask, strict=True)
     ]
 
 
@@ -234,7 +291,7 @@ def _ml_cost(
     sigma: float,
 ) -> float:
     """Negative log likelihood at q = (east km, north km, n) with P0 profiled out."""
-    logd = _log_distance(q[:2][None] * 1_000.0, st)[0]
+    logd = log_distance(q[:2][None] * 1_000.0, st)[0]
     model = -10.0 * q[2] * logd
     k = det.sum()
     p0 = ((signal - model) * det).sum() / k
@@ -260,7 +317,7 @@ def maximum_likelihood(
     """
     params = params or LikelihoodParams()
     grid = search_grid(stations_enu, params)
-    logd_grid = _log_distance(grid, stations_enu)
+    logd_grid = log_distance(grid, stations_enu)
     sigma = params.ml_sigma_db
     flat = LikelihoodParams(
         exponents=params.exponents, sigmas_db=(sigma,), p0_sd_db=1e4, p0_mean_dbm=0.0

@@ -24,6 +24,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
+from scipy import fft as sp_fft
 from scipy import signal
 
 BOLTZMANN_DBM_PER_HZ = -174.0
@@ -96,10 +97,25 @@ def resample(iq: np.ndarray, from_hz: float, to_hz: float) -> np.ndarray:
     x = np.asarray(iq, dtype=np.complex64)
     # I and Q separately: the same numbers as one complex call, at under half the time.
     up, down = ratio.numerator, ratio.denominator
+    h = _antialias_filter(up, down)
     out = np.empty((*x.shape[:-1], -(-x.shape[-1] * up // down)), dtype=np.complex64)
-    out.real = signal.resample_poly(x.real, up, down, axis=-1)
-    out.imag = signal.resample_poly(x.imag, up, down, axis=-1)
+    out.real = signal.resample_poly(x.real, up, down, axis=-1, window=h)
+    out.imag = signal.resample_poly(x.imag, up, down, axis=-1, window=h)
     return out
+
+
+@lru_cache(maxsize=16)
+def _antialias_filter(up: int, down: int) -> np.ndarray:
+    """The float32 FIR ``resample_poly`` designs for ``up``/``down`` (its default Kaiser window).
+
+    Designing it costs more than filtering a recording; handed back to
+    ``resample_poly`` as its ``window`` it gives the same numbers.
+    """
+    max_rate = max(up, down)
+    h = signal.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
+    h = h.astype(np.float32)
+    h.setflags(write=False)
+    return h
 
 
 def power_spectrogram(iq: np.ndarray, params: FeatureParams) -> np.ndarray:
@@ -108,22 +124,31 @@ def power_spectrogram(iq: np.ndarray, params: FeatureParams) -> np.ndarray:
     Scaled so that, summed over bins, a frame's power equals the mean |x|^2 of
     its samples (Parseval with the Hann window's energy), hence dBFS.
     """
-    _, _, z = signal.stft(
-        iq,
-        fs=params.sample_rate_hz,
-        window="hann",
-        nperseg=params.n_fft,
-        noverlap=params.n_fft - params.hop,
-        nfft=params.n_fft,
-        return_onesided=False,
-        boundary=None,
-        padded=False,
-        detrend=False,
-        scaling="psd",
-        axis=-1,
-    )
-    # 'psd' scaling gives |Z|^2 = |FFT(x w)|^2 / (fs sum w^2); times fs/n_fft -> mean-power units.
+    # scipy.signal.stft(window="hann", boundary=None, padded=False, detrend=False,
+    # scaling="psd", two-sided) step by step, with the window and scale computed once.
+    x = np.asarray(iq)
+    if x.shape[-1] < params.n_fft:
+        raise ValueError(f"{x.shape[-1]} samples is shorter than one STFT frame ({params.n_fft})")
+    out_dtype = np.result_type(x, np.complex64)
+    window, scale = _stft_window(params.n_fft, params.sample_rate_hz, out_dtype)
+    frames = np.lib.stride_tricks.sliding_window_view(x, params.n_fft, axis=-1)
+    z = sp_fft.fft(window * frames[..., :: params.hop, :], n=params.n_fft)
+    z *= scale
+    z = np.moveaxis(z.astype(out_dtype), -1, -2)
     return (np.abs(z) ** 2) * (params.sample_rate_hz / params.n_fft)
+
+
+@lru_cache(maxsize=8)
+def _stft_window(
+    n_fft: int, sample_rate_hz: float, out_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """The periodic Hann window for an STFT in ``out_dtype``, and its 'psd' amplitude scale."""
+    window = signal.get_window("hann", n_fft)
+    if np.result_type(window, np.complex64) != out_dtype:
+        window = window.astype(out_dtype)
+    scale = np.sqrt(1.0 / (sample_rate_hz * (window * window).sum()))
+    window.setflags(write=False)
+    return window, scale
 
 
 @lru_cache(maxsize=8)
@@ -183,11 +208,16 @@ def build_features(
     """
     x = np.zeros((len(slots), params.n_features))
     mask = np.zeros(len(slots), dtype=np.float32)
-    for i, sid in enumerate(slots):
-        iq = recordings.get(sid)
-        if iq is None:
-            continue
-        bands = band_power_dbfs(iq, sample_rate_hz, params) + calibration_db[sid]
-        x[i] = station_features(bands, params)
-        mask[i] = 1.0
+    present = [(i, sid) for i, sid in enumerate(slots) if recordings.get(sid) is not None]
+    # Recordings of one length go through the resampler and the STFT together: the
+    # same numbers as one at a time, without paying the per-call overhead per station.
+    by_length: dict[tuple[int, ...], list[tuple[int, str]]] = {}
+    for i, sid in present:
+        by_length.setdefault(np.shape(recordings[sid]), []).append((i, sid))
+    for group in by_length.values():
+        stacked = np.stack([np.asarray(recordings[sid], dtype=np.complex64) for _, sid in group])
+        bands = band_power_dbfs(stacked, sample_rate_hz, params)
+        for (i, sid), station_bands in zip(group, bands, strict=True):
+            x[i] = station_features(station_bands + calibration_db[sid], params)
+            mask[i] = 1.0
     return x, mask

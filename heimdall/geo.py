@@ -278,10 +278,18 @@ def ellipse_polygon_lonlat(
     (lat0_deg, lon0_deg), where its covariance was expressed. The first vertex is repeated
     at the end (RFC 7946). Rings crossing the antimeridian are not split.
     """
-    pts = ellipse_polygon_enu(center_e, center_n, ellipse, n_points)
-    lat, lon = enu_to_geodetic(pts[:, 0], pts[:, 1], lat0_deg, lon0_deg)
-    ring = [[round(float(x), 7), round(float(y), 7)] for x, y in zip(lon, lat, strict=True)]
-    return [*ring, ring[0]]
+    return _rings_lonlat(
+        ellipse_polygon_enu(center_e, center_n, ellipse, n_points)[None], lat0_deg, lon0_deg
+    )[0]
+
+
+def _rings_lonlat(
+    points_enu: FloatArray, lat0_deg: float, lon0_deg: float
+) -> list[list[list[float]]]:
+    """Closed GeoJSON rings (deg, 7 decimals) of (K, n, 2) east/north vertices (m), in one pass."""
+    lat, lon = enu_to_geodetic(points_enu[..., 0], points_enu[..., 1], lat0_deg, lon0_deg)
+    rings = np.round(np.stack([lon, lat], axis=-1), 7).tolist()
+    return [[*ring, ring[0]] for ring in rings]
 
 
 def localization_geojson(
@@ -310,11 +318,13 @@ def localization_geojson(
     ahead_lat, ahead_lon = enu_to_geodetic(center_enu[0], center_enu[1] + 1_000.0, *origin)
     de, dn = geodetic_to_enu(ahead_lat, ahead_lon, lat, lon)
     turn = math.degrees(math.atan2(float(de), float(dn)))
-    for ell in ellipses:
-        local = Ellipse(
-            ell.confidence, ell.semi_major_m, ell.semi_minor_m, ell.orientation_deg + turn
-        )
-        ring = ellipse_polygon_lonlat(0.0, 0.0, local, lat, lon, n_points)
+    local = [
+        Ellipse(ell.confidence, ell.semi_major_m, ell.semi_minor_m, ell.orientation_deg + turn)
+        for ell in ellipses
+    ]
+    points = np.array([ellipse_polygon_enu(0.0, 0.0, ell, n_points) for ell in local])
+    rings = _rings_lonlat(points.reshape(len(local), n_points, 2), lat, lon) if local else []
+    for ell, ring in zip(ellipses, rings, strict=True):
         properties: dict[str, Any] = {
             "kind": "ellipse",
             "confidence": ell.confidence,

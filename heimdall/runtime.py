@@ -172,6 +172,9 @@ class Localizer:
         self.stations_enu = _slot_enu(card)
         self.likelihood = baseline.LikelihoodParams(**card.fusion.get("likelihood", {}))
         self.covariance_model = CovarianceModel.from_fusion(card.fusion)
+        # The coarse search grid and its log-distances to the stations are fixed per model.
+        self.grid = baseline.search_grid(self.stations_enu, self.likelihood)
+        self.grid_logd = baseline.log_distance(self.grid, self.stations_enu)
         self.prior_scale = float(card.fusion.get("prior_scale", 1.0))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -219,15 +222,15 @@ class Localizer:
         :class:`CovarianceModel`, calibrated on held-out scene families.
         """
         position, uncertainty = self.run(x, mask)
-        grid = baseline.search_grid(self.stations_enu, self.likelihood)
         posts = [
             baseline.posterior(
                 xi,
                 mi,
                 self.stations_enu,
                 self.likelihood,
-                grid,
+                self.grid,
                 prior=(p, _covariance(u) * self.prior_scale),
+                grid_logd=self.grid_logd,
             )
             for xi, mi, p, u in zip(x, mask, position, uncertainty, strict=True)
         ]
@@ -291,7 +294,11 @@ class Localizer:
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         return [
             localization_result(
-                loc, self.card, self.identity, inference_time_ms=elapsed_ms / len(locs)
+                loc,
+                self.card,
+                self.identity,
+                inference_time_ms=elapsed_ms / len(locs),
+                covariance_model=self.covariance_model,
             )
             for loc in locs
         ]
@@ -341,10 +348,15 @@ def localization_result(
     identity: ModelIdentity,
     *,
     inference_time_ms: float,
+    covariance_model: CovarianceModel | None = None,
 ) -> dict[str, Any]:
-    """The prediction document returned by the API (position, uncertainty, GeoJSON)."""
+    """The prediction document returned by the API (position, uncertainty, GeoJSON).
+
+    ``covariance_model`` is the card's (:meth:`CovarianceModel.from_fusion`),
+    passed in by a caller that already holds it.
+    """
     cov = loc.covariance
-    model = CovarianceModel.from_fusion(card.fusion)
+    model = covariance_model or CovarianceModel.from_fusion(card.fusion)
     ellipses = [geo.ellipse_from_covariance(cov, c, model.ellipse_scale(c)) for c in CONFIDENCES]
     return {
         "position": {"latitude": round(loc.latitude, 7), "longitude": round(loc.longitude, 7)},
